@@ -1,0 +1,130 @@
+"""Engine configuration, and the one place where precision is decided.
+
+The phase rule: prompt tokens run through the prefill precision, every token the model emits is computed by the
+decode precision. The last prompt token counts as the first decode token (as in the paper's disaggregated pipeline,
+whose decode server recomputes it), so the first output token comes from decode-precision logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+import torch
+
+Precision = Literal["bf16", "fp8", "nvfp4"]
+PRECISIONS: tuple[str, ...] = ("bf16", "fp8", "nvfp4")
+
+
+class Phase(str, Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+def phase_of_position(position: int, num_prompt_tokens: int) -> Phase:
+    """Every prompt token but the last is prefill; the last prompt token and all generated tokens are decode."""
+    return Phase.PREFILL if position < num_prompt_tokens - 1 else Phase.DECODE
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but no CUDA GPU is available")
+    return dev
+
+
+def compute_capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def default_prefill_precision(device: torch.device) -> str:
+    cap = compute_capability(device)
+    if cap is None:
+        return "bf16"
+    if cap >= (10, 0):
+        return "nvfp4"
+    if cap >= (8, 9):
+        return "fp8"
+    return "bf16"
+
+
+def kernel_mode(precision: str, device: torch.device) -> Literal["native", "emulated"]:
+    """Whether a precision runs on its own tensor-core path here, or as exact emulation (for accuracy studies)."""
+    cap = compute_capability(device)
+    if precision == "bf16":
+        return "native"
+    if precision == "fp8":
+        return "native" if cap is not None and cap >= (8, 9) else "emulated"
+    # FP4 tensor cores exist from Blackwell (sm100) on; Hopper and CPUs emulate NVFP4 exactly.
+    return "native" if cap is not None and cap >= (10, 0) and hasattr(torch, "float4_e2m1fn_x2") else "emulated"
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto' is the checkpoint's 16-bit dtype on GPU and float32 on CPU (CPU half-precision matmuls are slow)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
+             "fp16": torch.float16, "float32": torch.float32, "float": torch.float32, "fp32": torch.float32}
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return checkpoint_dtype if checkpoint_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    if dtype not in names:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of: auto, {', '.join(sorted(names))}")
+    return names[dtype]
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    tokenizer: str | None = None
+    prefill_model: str | None = None
+    prefill_precision: str = "auto"
+    decode_precision: str = "bf16"
+    dtype: str | torch.dtype = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None  # KV budget on CPU (default 2 GiB), or an exact budget on GPU
+    num_kv_blocks: int | None = None  # overrides the sizing (tests use it to force preemption)
+    enable_prefix_caching: bool = True
+    hf_overrides: dict | None = None
+    unquantized_layers: list[str] = field(default_factory=list)  # kept in the model dtype in every phase
+    enforce_eager: bool = False
+    load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes (benchmarks)
+    seed: int = 0
+    revision: str | None = None
+
+    def __post_init__(self):
+        self.device_obj = resolve_device(self.device)
+        if self.prefill_precision == "auto":
+            self.prefill_precision = default_prefill_precision(self.device_obj)
+        for name in ("prefill_precision", "decode_precision"):
+            if getattr(self, name) not in PRECISIONS:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(PRECISIONS)}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def precision(self, phase: Phase) -> str:
+        return self.prefill_precision if phase is Phase.PREFILL else self.decode_precision
+
+    def describe_precisions(self) -> dict[str, str | None]:
+        """What a server reports: both precisions and whether NVFP4 is native or emulated on this device."""
+        uses_nvfp4 = "nvfp4" in (self.prefill_precision, self.decode_precision)
+        return {
+            "prefill_precision": self.prefill_precision,
+            "decode_precision": self.decode_precision,
+            "prefill_kernels": kernel_mode(self.prefill_precision, self.device_obj),
+            "decode_kernels": kernel_mode(self.decode_precision, self.device_obj),
+            "nvfp4": kernel_mode("nvfp4", self.device_obj) if uses_nvfp4 else None,
+        }

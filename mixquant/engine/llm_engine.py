@@ -1,0 +1,320 @@
+"""The engine loop: requests in, one scheduled forward pass per step, outputs (cumulative, vLLM-style) out.
+
+Not thread-safe: a server drives it from one thread.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer
+
+from mixquant.config import EngineConfig, Phase, resolve_dtype
+from mixquant.engine.block_manager import BlockManager
+from mixquant.engine.model_runner import ModelRunner
+from mixquant.engine.scheduler import Scheduler
+from mixquant.engine.sequence import Sequence
+from mixquant.layers.sampler import sample
+from mixquant.outputs import CompletionOutput, Logprob, RequestOutput
+from mixquant.sampling_params import SamplingParams
+from mixquant.utils.hf import load_config, resolve_model_path
+
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_path = resolve_model_path(config.model, config.revision)
+        self.hf_config = load_config(self.model_path, config.hf_overrides)
+        self.dtype = resolve_dtype(config.dtype, getattr(self.hf_config, "dtype", None), config.device_obj)
+        self.max_model_len = self._max_model_len()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(config.tokenizer, config.revision))
+                                                       if config.tokenizer else str(self.model_path))
+        self.generation_defaults, self.eos_token_ids = self._generation_config()
+        self.runner = ModelRunner(config, self.hf_config, self.dtype, self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          phases_differ=config.prefill_precision != config.decode_precision)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.requests: dict[str, Request] = {}
+        self.default_generator = torch.Generator(device=config.device_obj).manual_seed(config.seed)
+        self.tokens_computed: Counter[tuple[str, str]] = Counter()  # (phase, precision) -> tokens
+        self.num_prompt_tokens = self.num_generation_tokens = 0
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
+        return cls(EngineConfig(model=model, **kwargs))
+
+    def _max_model_len(self) -> int:
+        limit = getattr(self.hf_config, "max_position_embeddings", None) or 4096
+        if self.config.max_model_len is None:
+            return limit
+        if self.config.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={limit} (stretch it with a rope_scaling hf_override)")
+        return self.config.max_model_len
+
+    def _generation_config(self) -> tuple[dict, set[int]]:
+        eos = set()
+        defaults = {}
+        path = self.model_path / "generation_config.json"
+        if path.is_file():
+            gen = json.loads(path.read_text())
+            ids = gen.get("eos_token_id")
+            eos.update(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+            defaults = {k: gen[k] for k in GENERATION_DEFAULT_KEYS if k in gen}
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        return defaults, eos
+
+    # ---- requests -----------------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None):
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids = (prompt, self.tokenize(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+        self._validate_prompt(token_ids)
+        seqs = []
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.config.device_obj).manual_seed(params.seed + index)
+            seqs.append(Sequence(request_id, index, list(token_ids), params, generator))
+        self.requests[request_id] = Request(request_id, text, token_ids, params, seqs, time.monotonic())
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _validate_prompt(self, token_ids: list[int]):
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.hf_config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens, which leaves no room to generate within "
+                             f"max_model_len={self.max_model_len}")
+        if self.block_manager.blocks_needed(len(token_ids) + 1) > self.block_manager.num_blocks:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens but the KV cache holds only "
+                             f"{self.block_manager.num_blocks * self.config.block_size}")
+
+    def abort_request(self, request_id: str) -> bool:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ---------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        inputs = self.runner.prepare(batch)
+        hidden = self.runner.forward(inputs)
+        self.scheduler.computed(batch)
+        for phase, rows in inputs.rows_per_phase.items():
+            self.tokens_computed[(phase.value, self.config.precision(phase))] += rows
+        for i, rows in inputs.prompt_logprob_rows.items():
+            self._record_prompt_logprobs(batch.seqs[i], hidden, rows)
+
+        sampling = [(seq, row) for seq, row in zip(batch.seqs, inputs.sample_rows) if row >= 0]
+        touched = {seq.request_id for seq in batch.seqs}
+        if sampling:
+            seqs = [seq for seq, _ in sampling]
+            logits = self.runner.logits(hidden, [row for _, row in sampling])
+            stop_ids = [self.eos_token_ids | set(s.params.stop_token_ids) if not s.params.ignore_eos
+                        else set(s.params.stop_token_ids) for s in seqs]
+            result = sample(logits, seqs, stop_ids, self.default_generator)
+            now = time.monotonic()
+            for row, seq in enumerate(seqs):
+                self._append_token(seq, result, row, now)
+        outputs = [self._output(self.requests[rid]) for rid in touched if rid in self.requests]
+        for output in outputs:
+            if output.finished:
+                del self.requests[output.request_id]
+        return outputs
+
+    def _append_token(self, seq: Sequence, result, row: int, now: float):
+        token = result.token_ids[row]
+        seq.token_ids.append(token)
+        seq.first_token_time = seq.first_token_time or now
+        self.num_generation_tokens += 1
+        if seq.num_output_tokens == 1:
+            self.num_prompt_tokens += seq.num_prompt_tokens
+        if seq.logprobs is not None:
+            seq.cumulative_logprob += result.logprobs[row]
+            seq.logprobs.append(self._logprob_entry(token, result.logprobs[row], result.ranks[row],
+                                                    result.top_ids[row], result.top_logprobs[row]))
+        new_text = self._detokenize(seq)
+        self._check_stop(seq, token, new_text)
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+
+    def _logprob_entry(self, token: int, logprob: float, rank: int, top_ids: list[int],
+                       top_logprobs: list[float]) -> dict[int, Logprob]:
+        """The chosen token first (with its true rank), then the top-k ranked 1..k, as vLLM returns them."""
+        entry = {token: Logprob(logprob, rank, self._decode_token(token))}
+        for k, (tid, lp) in enumerate(zip(top_ids, top_logprobs), start=1):
+            entry.setdefault(tid, Logprob(lp, k, self._decode_token(tid)))
+        return entry
+
+    def _decode_token(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _detokenize(self, seq: Sequence) -> str:
+        """Incremental detokenization over a small window, so multi-token characters come out whole."""
+        skip = seq.params.skip_special_tokens
+        prefix = self.tokenizer.decode(seq.token_ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
+        full = self.tokenizer.decode(seq.token_ids[seq.prefix_offset:], skip_special_tokens=skip)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            new_text = full[len(prefix):]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, seq.num_tokens
+            seq.output_text += new_text
+            return new_text
+        return ""
+
+    def _check_stop(self, seq: Sequence, token: int, new_text: str):
+        p = seq.params
+        can_stop = seq.num_output_tokens >= p.min_tokens
+        if can_stop and not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif can_stop and token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif can_stop and p.stop_strings and new_text:
+            self._check_stop_strings(seq, new_text)
+        if seq.finish_reason is None and p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            seq.finish_reason = "length"
+        if seq.finish_reason is None and seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence, new_text: str):
+        p = seq.params
+        longest = max(len(s) for s in p.stop_strings)
+        search_from = max(len(seq.output_text) - len(new_text) - longest + 1, 0)
+        found = [(seq.output_text.find(s, search_from), s) for s in p.stop_strings]
+        found = [(i, s) for i, s in found if i >= 0]
+        if found:
+            index, stop = min(found)
+            seq.output_text = seq.output_text[:index + (len(stop) if p.include_stop_str_in_output else 0)]
+            seq.finish_reason, seq.stop_reason = "stop", stop
+
+    def _record_prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, rows: list[int]):
+        if seq.index != 0 or not rows:
+            return
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None]
+        logprobs = torch.log_softmax(self.runner.logits(hidden, rows), dim=-1)
+        k = seq.params.prompt_logprobs
+        start = len(seq.prompt_logprobs)
+        targets = torch.tensor(seq.token_ids[start:start + len(rows)], device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None])
+        ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
+        top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+        for r, token in enumerate(targets.tolist()):
+            seq.prompt_logprobs.append(self._logprob_entry(
+                token, chosen[r, 0].item(), ranks[r], top_ids[r].tolist() if k else [],
+                top_lp[r].tolist() if k else []))
+
+    # ---- outputs ------------------------------------------------------------------------------------------------
+
+    def _output(self, request: Request) -> RequestOutput:
+        outputs = []
+        for seq in request.seqs:
+            text = seq.output_text
+            if seq.finish_reason is None and seq.params.stop_strings:
+                # hold back what could still turn out to be the start of a stop string
+                text = text[:max(len(text) - max(len(s) for s in seq.params.stop_strings) + 1, 0)]
+            outputs.append(CompletionOutput(seq.index, text, list(seq.output_token_ids),
+                                            seq.cumulative_logprob if seq.logprobs is not None else None,
+                                            list(seq.logprobs) if seq.logprobs is not None else None,
+                                            seq.finish_reason, seq.stop_reason))
+        first = request.seqs[0]
+        finished = all(s.finish_reason is not None for s in request.seqs)
+        metrics = {"arrival_time": request.arrival_time}
+        if first.first_token_time is not None:
+            metrics["first_token_time"] = first.first_token_time
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, finished,
+                             first.prompt_logprobs, first.num_cached_tokens, metrics)
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_requests_running": len({s.request_id for s in self.scheduler.running}),
+            "num_requests_waiting": len({s.request_id for s in self.scheduler.waiting} -
+                                        {s.request_id for s in self.scheduler.running}),
+            "kv_cache_usage": bm.usage(),
+            "num_blocks_used": bm.num_blocks - bm.num_free_blocks,
+            "num_blocks": bm.num_blocks,
+            "prefix_cache_queries": bm.prefix_cache_queries,
+            "prefix_cache_hits": bm.prefix_cache_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens": self.num_prompt_tokens,
+            "generation_tokens": self.num_generation_tokens,
+            "tokens_computed": {f"{phase}/{precision}": n for (phase, precision), n in self.tokens_computed.items()},
+        }
+
+    def kv_cache_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.config.block_size
+
+    # ---- KV export / import (the building block of a disaggregated prefill/decode mode) -------------------------
+
+    def export_kv(self, request_id: str) -> dict:
+        """The computed KV of a request's first sequence, block by block, with the tokens it covers."""
+        seq = self.requests[request_id].seqs[0]
+        full = min(seq.num_computed_tokens, seq.num_prompt_tokens - 1)
+        blocks = seq.block_table[:self.block_manager.blocks_needed(full)]
+        return {"token_ids": seq.token_ids[:full], "num_prompt_tokens": seq.num_prompt_tokens,
+                "kv": self.runner.read_kv_blocks(blocks).cpu()}
+
+    def add_request_with_kv(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                            exported: dict):
+        """Adds a request whose leading KV was computed elsewhere (e.g. a prefill worker's export_kv).
+
+        Only prefill-phase KV is taken (at most all prompt tokens but the last), so this engine computes the last
+        prompt token and every generated token in its own decode precision, as the paper's decode server does.
+        """
+        self.add_request(request_id, prompt_token_ids, params)
+        n = min(len(exported["token_ids"]), len(prompt_token_ids) - 1)
+        if exported["token_ids"][:n] != list(prompt_token_ids[:n]):
+            self.abort_request(request_id)
+            raise ValueError("the exported KV was computed for other tokens than this prompt")
+        bs = self.config.block_size
+        n -= n % bs  # whole blocks only
+        for seq in self.requests[request_id].seqs:
+            self.scheduler.waiting.remove(seq)
+            if not self.block_manager.allocate(seq):
+                self.abort_request(request_id)
+                raise ValueError("not enough free KV blocks to import this request")
+            if seq.num_computed_tokens < n:
+                first = seq.num_computed_tokens // bs  # blocks before this came from the local prefix cache
+                self.runner.write_kv_blocks(seq.block_table[first:n // bs], exported["kv"][:, :, first:n // bs])
+                seq.num_computed_tokens = n
+                self.block_manager.register_computed_blocks(seq)
+            seq.status = seq.status.RUNNING
+            self.scheduler.running.append(seq)

@@ -1,0 +1,183 @@
+"""Owns the model and the KV cache on one device; turns a scheduled batch into one forward pass.
+
+Each sequence's scheduled tokens are cut at its phase boundary (the last prompt token) into a prefill segment
+and a decode segment, and the step's rows are laid out [all prefill segments | all decode segments]. Linear
+layers route the two row ranges to their phase's method; attention sees one segment list either way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mixquant.config import EngineConfig, Phase
+from mixquant.engine.scheduler import ScheduledBatch
+from mixquant.engine.sequence import Sequence
+from mixquant.models import loader
+from mixquant.utils.context import AttentionSegment, ForwardContext, forward_context
+from mixquant.utils.hf import iterate_tensors, resolve_model_path
+
+
+@dataclass
+class Segment:
+    seq: Sequence
+    start: int  # first position
+    end: int  # one past the last position
+    phase: Phase
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    context: ForwardContext
+    sample_rows: list[int]  # row of each sequence that yields its next token (-1: none this step)
+    prompt_logprob_rows: dict[int, list[int]]  # seq index -> rows whose logits score prompt tokens
+    rows_per_phase: dict[Phase, int]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config, dtype: torch.dtype, max_model_len: int):
+        self.config, self.hf_config, self.dtype = config, hf_config, dtype
+        self.device = config.device_obj
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.model = loader.build_model(hf_config, dtype, self.device, max_model_len)
+        if config.load_format == "dummy":
+            loader.init_dummy_weights(self.model, config.seed)
+        else:
+            loader.load_weights(self.model, iterate_tensors(resolve_model_path(config.model, config.revision)))
+        prequantized = None
+        if config.prefill_model:
+            prequantized = loader.read_prequantized(resolve_model_path(config.prefill_model, config.revision),
+                                                    self.device)
+        loader.assign_linear_methods(self.model, config, dtype, prequantized)
+        self.num_blocks = self._allocate_kv_cache()
+
+    # ---- KV cache -------------------------------------------------------------------------------------------
+
+    def kv_bytes_per_block(self) -> int:
+        attn = self.model.attention_layers()[0]
+        per_layer = 2 * self.block_size * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize
+        return per_layer * len(self.model.attention_layers())
+
+    def _allocate_kv_cache(self) -> int:
+        per_block = self.kv_bytes_per_block()
+        useful = self.config.max_num_seqs * -(-self.max_model_len // self.block_size) + 1
+        if self.config.num_kv_blocks is not None:
+            num_blocks = self.config.num_kv_blocks
+        elif self.config.kv_cache_memory_bytes is not None:
+            num_blocks = min(self.config.kv_cache_memory_bytes // per_block, useful)
+        elif self.device.type == "cuda":
+            num_blocks = min(self._gpu_kv_budget() // per_block, useful)
+        else:
+            num_blocks = min((2 << 30) // per_block, useful)
+        if num_blocks < 1:
+            raise ValueError("no memory is left for the KV cache: lower max_num_batched_tokens or raise "
+                             "gpu_memory_utilization / kv_cache_memory_bytes")
+        attn = self.model.attention_layers()[0]
+        shape = (2, len(self.model.attention_layers()), num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.attention_layers()):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        return num_blocks
+
+    def _gpu_kv_budget(self) -> int:
+        """What is left of gpu_memory_utilization after the weights and the activations of the largest step."""
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        probe_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        probe_blocks = -(-probe_tokens // self.block_size)
+        attn = self.model.attention_layers()[0]
+        scratch = torch.zeros((2, len(self.model.attention_layers()), probe_blocks, self.block_size,
+                               attn.num_kv_heads, attn.head_dim), dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.attention_layers()):
+            layer.k_cache, layer.v_cache = scratch[0, i], scratch[1, i]
+        self._probe_forward(probe_tokens)
+        peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
+        del scratch
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        in_use_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        return int(total * self.config.gpu_memory_utilization - in_use_by_others - peak)
+
+    def _probe_forward(self, num_tokens: int):
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        positions = torch.arange(num_tokens, device=self.device)
+        ctx = ForwardContext(num_prefill_rows=num_tokens, slot_mapping=positions,
+                             segments=[AttentionSegment(0, num_tokens, 0, torch.arange(1, device=self.device))])
+        with torch.inference_mode(), forward_context(ctx):
+            hidden = self.model(ids, positions)
+            self.model.compute_logits(hidden[-self.config.max_num_seqs:])
+        torch.cuda.synchronize()
+
+    def read_kv_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """[2, layers, len(block_ids), block_size, kv_heads, head_dim]: a request's KV, for export."""
+        return self.kv_cache[:, :, torch.tensor(block_ids, device=self.device)].clone()
+
+    def write_kv_blocks(self, block_ids: list[int], data: torch.Tensor):
+        self.kv_cache[:, :, torch.tensor(block_ids, device=self.device)] = data.to(self.device, self.dtype)
+
+    # ---- one step -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def split_by_phase(seq: Sequence, num_new: int) -> list[Segment]:
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+        boundary = seq.num_prompt_tokens - 1
+        segments = []
+        if start < boundary:
+            segments.append(Segment(seq, start, min(end, boundary), Phase.PREFILL))
+        if end > boundary:
+            segments.append(Segment(seq, max(start, boundary), end, Phase.DECODE))
+        return segments
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        per_seq = [self.split_by_phase(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        ordered = [seg for segs in per_seq for seg in segs if seg.phase is Phase.PREFILL]
+        ordered += [seg for segs in per_seq for seg in segs if seg.phase is Phase.DECODE]
+        seq_index = {id(s): i for i, s in enumerate(batch.seqs)}
+        bs = self.block_size
+        input_ids, positions, slots, attn_segments = [], [], [], []
+        sample_rows = [-1] * len(batch.seqs)
+        prompt_rows: dict[int, list[int]] = {}
+        row = 0
+        for seg in ordered:
+            seq, n = seg.seq, seg.end - seg.start
+            table = seq.block_table
+            input_ids += seq.token_ids[seg.start:seg.end]
+            positions += range(seg.start, seg.end)
+            slots += [table[p // bs] * bs + p % bs for p in range(seg.start, seg.end)]
+            attn_segments.append(AttentionSegment(row, row + n, seg.start, torch.tensor(table)))
+            i = seq_index[id(seq)]
+            if seg.end == seq.num_tokens:
+                sample_rows[i] = row + n - 1
+            if seq.params.prompt_logprobs is not None:
+                scoring = [row + p - seg.start for p in range(seg.start, min(seg.end, seq.num_prompt_tokens - 1))]
+                prompt_rows.setdefault(i, []).extend(scoring)
+            row += n
+        num_prefill = sum(seg.end - seg.start for seg in ordered if seg.phase is Phase.PREFILL)
+        dev = self.device
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
+        if all(seg.end - seg.start == 1 and seg.phase is Phase.DECODE for seg in ordered):
+            width = max(len(seg.seq.block_table) for seg in ordered)
+            tables = torch.tensor([seg.seq.block_table + [0] * (width - len(seg.seq.block_table)) for seg in ordered],
+                                  dtype=torch.long, device=dev)
+            lens = torch.tensor([seg.end for seg in ordered], dtype=torch.long, device=dev)
+            ctx = ForwardContext(0, slot_mapping, block_tables=tables, context_lens=lens)
+        else:
+            for seg in attn_segments:
+                seg.block_table = seg.block_table.to(dev)
+            ctx = ForwardContext(num_prefill, slot_mapping, segments=attn_segments)
+        return StepInputs(torch.tensor(input_ids, dtype=torch.long, device=dev),
+                          torch.tensor(positions, dtype=torch.long, device=dev), ctx, sample_rows, prompt_rows,
+                          {Phase.PREFILL: num_prefill, Phase.DECODE: row - num_prefill})
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        with forward_context(inputs.context):
+            return self.model(inputs.input_ids, inputs.positions)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])

@@ -1,0 +1,77 @@
+"""Paged attention behind a small backend interface.
+
+Every step first writes the new rows' K/V into the paged cache, then attends: a segment of rows attends to
+its sequence's cache up to its own position, so a prefill chunk, a decode token and a mix of both are one code
+path. Decode-only steps take a vectorised path of fixed shapes that CUDA graphs can capture.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixquant.utils.context import AttentionSegment, ForwardContext, get_context
+
+
+class TorchAttentionBackend:
+    """Reference backend in plain PyTorch (SDPA); runs on CPU and GPU."""
+
+    def forward(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
+        if ctx.decode_only:
+            return self._decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
+        out = torch.empty_like(q)
+        for seg in ctx.segments:
+            out[seg.row_start:seg.row_end] = self._segment(q, k, v, k_cache, v_cache, seg, scale)
+        return out
+
+    @staticmethod
+    def _segment(q, k, v, k_cache, v_cache, seg: AttentionSegment, scale: float) -> torch.Tensor:
+        rows = slice(seg.row_start, seg.row_end)
+        n = seg.row_end - seg.row_start
+        q_seg = q[rows].transpose(0, 1)  # [heads, n, dim]
+        if seg.context_start == 0:
+            # nothing cached before this segment: attend to its own fresh K/V (the fast causal kernel)
+            k_seg, v_seg = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+            return F.scaled_dot_product_attention(q_seg, k_seg, v_seg, is_causal=True, scale=scale,
+                                                  enable_gqa=True).transpose(0, 1)
+        total = seg.context_start + n
+        k_ctx = _gather(k_cache, seg.block_table, total).transpose(0, 1)
+        v_ctx = _gather(v_cache, seg.block_table, total).transpose(0, 1)
+        query_pos = torch.arange(seg.context_start, total, device=q.device)
+        mask = torch.arange(total, device=q.device)[None, :] <= query_pos[:, None]
+        return F.scaled_dot_product_attention(q_seg, k_ctx, v_ctx, attn_mask=mask, scale=scale,
+                                              enable_gqa=True).transpose(0, 1)
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
+        rows, max_blocks = block_tables.shape
+        block_size = k_cache.shape[1]
+        k_ctx = k_cache[block_tables].flatten(1, 2).transpose(1, 2)  # [rows, kv_heads, max_len, dim]
+        v_ctx = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
+        positions = torch.arange(max_blocks * block_size, device=q.device)
+        mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), k_ctx, v_ctx, attn_mask=mask, scale=scale,
+                                             enable_gqa=True)
+        return out.squeeze(2)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    block_size = cache.shape[1]
+    num_blocks = -(-length // block_size)
+    return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
+
+
+class Attention(nn.Module):
+    backend = TorchAttentionBackend()
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.k_cache = self.v_cache = torch.empty(0)  # [num_blocks, block_size, kv_heads, head_dim], set by the runner
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = get_context()
+        slots = ctx.slot_mapping
+        self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, k)
+        self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, v)
+        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)

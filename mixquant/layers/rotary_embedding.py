@@ -1,0 +1,41 @@
+"""Rotary position embeddings; the scaled variants (YaRN, llama3, linear) come from transformers' own tables."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+def rope_inverse_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
+        raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, linear, yarn, llama3)")
+    return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config, head_dim: int, max_position: int):
+        super().__init__()
+        inv_freq, attention_scaling = rope_inverse_frequencies(config, head_dim)
+        positions = torch.arange(max_position, dtype=torch.float)
+        freqs = torch.outer(positions, inv_freq.to(positions.device))
+        emb = torch.cat([freqs, freqs], dim=-1)
+        # YaRN scales cos/sin (its "attention factor"); other types use 1.0
+        self.register_buffer("cos", emb.cos() * attention_scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * attention_scaling, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q: [rows, heads, head_dim], k: [rows, kv_heads, head_dim]; rotate-half layout, as Hugging Face models."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return _apply(q, cos, sin), _apply(k, cos, sin)
+
+
+def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype)).to(x.dtype)

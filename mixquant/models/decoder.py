@@ -1,0 +1,130 @@
+"""One dense decoder for the Qwen3, Qwen2 and Llama families.
+
+They differ only in switches read from config.json: Qwen3 normalises q and k per head (QK-norm), Qwen2 has
+q/k/v biases, Llama neither. MoE families will get their own MLP module beside `MLP`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mixquant.layers.activation import SiluAndMul
+from mixquant.layers.attention import Attention
+from mixquant.layers.embed_head import LMHead, VocabEmbedding
+from mixquant.layers.layernorm import RMSNorm
+from mixquant.layers.linear import Linear
+from mixquant.layers.rotary_embedding import RotaryEmbedding
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config, prefix: str, qk_norm: bool, qkv_bias: bool, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(hidden, [q_size, kv_size, kv_size], qkv_bias, f"{prefix}.qkv_proj",
+                               shard_names=["q_proj", "k_proj", "v_proj"])
+        self.o_proj = Linear(q_size, [hidden], getattr(config, "attention_bias", False), f"{prefix}.o_proj")
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.rotary_emb = rotary_emb  # one table shared by all layers
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+            dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v)
+        return self.o_proj(out.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config, prefix: str):
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, [inter, inter], False, f"{prefix}.gate_up_proj",
+                                   shard_names=["gate_proj", "up_proj"])
+        self.down_proj = Linear(inter, [config.hidden_size], False, f"{prefix}.down_proj")
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, prefix: str, qk_norm: bool, qkv_bias: bool, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = SelfAttention(config, f"{prefix}.self_attn", qk_norm, qkv_bias, rotary_emb)
+        self.mlp = MLP(config, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config, qk_norm: bool, qkv_bias: bool, max_position: int):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rotary_emb = RotaryEmbedding(config, head_dim, max_position)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, f"model.layers.{i}", qk_norm, qkv_bias, rotary_emb)
+            for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """`forward` returns final hidden states for all rows; `compute_logits` runs the head on the rows that need it."""
+
+    qk_norm = False
+    qkv_bias = False
+
+    def __init__(self, config, max_position: int):
+        super().__init__()
+        self.config = config
+        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
+        self.model = DecoderModel(config, self.qk_norm, qkv_bias, max_position)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def linear_layers(self) -> list[Linear]:
+        return [m for m in self.modules() if isinstance(m, Linear)]
+
+    def attention_layers(self) -> list[Attention]:
+        return [m for m in self.modules() if isinstance(m, Attention)]
+
+
+class Qwen3ForCausalLM(CausalLM):
+    qk_norm = True
+
+
+class Qwen2ForCausalLM(CausalLM):
+    qkv_bias = True
+
+
+class LlamaForCausalLM(CausalLM):
+    pass

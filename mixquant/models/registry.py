@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from mixquant.models.decoder import CausalLM, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[CausalLM]] = {
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "LlamaForCausalLM": LlamaForCausalLM,
+}
+
+
+def model_class(config) -> type[CausalLM]:
+    architectures = getattr(config, "architectures", None) or []
+    for arch in architectures:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    raise ValueError(
+        f"unsupported architecture {architectures or '(none in config.json)'}; "
+        f"supported: {', '.join(MODEL_REGISTRY)}"
+    )

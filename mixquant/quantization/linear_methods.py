@@ -1,0 +1,152 @@
+"""How one linear layer computes in one precision: quantization as a module swap (gpt-fast's idea).
+
+Each method is built either from the model-dtype weight (quantized at load) or from a pre-quantized
+compressed-tensors checkpoint, and runs natively where the GPU has the tensor cores for it, or as exact
+emulation (same quantized operands and scales, same fp32 epilogue) where it does not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mixquant.quantization import fp8, nvfp4
+
+
+class LinearMethod:
+    precision: str
+    mode: str  # "native" | "emulated"
+    uses_model_weight: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{self.precision}({self.mode})"
+
+
+class BF16Method(LinearMethod):
+    """Unquantized, in the engine's dtype (bf16 on GPU; float32 on CPU for exact reference checks)."""
+
+    precision, mode, uses_model_weight = "bf16", "native", True
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class FP8Method(LinearMethod):
+    """W8A8 E4M3: per-output-channel weight scales, dynamic per-token activation scales."""
+
+    precision = "fp8"
+
+    def __init__(self, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, native: bool):
+        self.qweight, self.weight_scale, self.bias = qweight, weight_scale.float().reshape(-1, 1), bias
+        self.mode = "native" if native else "emulated"
+        if native and (qweight.shape[0] % 16 or qweight.shape[1] % 16):
+            raise ValueError(f"FP8 GEMMs need both weight dims divisible by 16, got {tuple(qweight.shape)}")
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, native: bool) -> FP8Method:
+        qweight, scale = fp8.quantize_rowwise(weight)
+        return cls(qweight, scale, bias, native)
+
+    def __call__(self, x):
+        xq, x_scale = fp8.quantize_rowwise(x)
+        if self.mode == "native":
+            return torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(),
+                                    bias=self.bias, out_dtype=x.dtype)
+        out = fp8.scaled_mm_reference(xq, x_scale, self.qweight, self.weight_scale, x.dtype)
+        return out if self.bias is None else out + self.bias
+
+
+@dataclass
+class ActivationGroup:
+    """Output columns [start, end) whose input is quantized with one activation global scale (None: per token)."""
+
+    start: int
+    end: int
+    input_global_scale: torch.Tensor | None
+
+
+class NVFP4Method(LinearMethod):
+    """W4A4 NVFP4 with compressed-tensors semantics.
+
+    Weight global scales are kept per output row, so fused shards (q/k/v, gate/up) that carry their own global
+    scales stay exact: alpha = 1 / (gs_x * gs_w) is applied per row and column in the fp32 epilogue. Without a
+    calibrated input global scale, activations get a dynamic per-token one, which keeps every row independent of
+    the others in its batch.
+    """
+
+    precision = "nvfp4"
+
+    def __init__(self, packed: torch.Tensor, block_scale: torch.Tensor, weight_global_scale: torch.Tensor,
+                 groups: list[ActivationGroup], bias: torch.Tensor | None, native: bool, compute_dtype: torch.dtype):
+        self.packed, self.block_scale = packed, block_scale
+        self.weight_global_scale = weight_global_scale.float().reshape(-1, 1)  # [N, 1]
+        self.groups, self.bias, self.compute_dtype = groups, bias, compute_dtype
+        self.mode = "native" if native else "emulated"
+        if not native:
+            # e2m1 * e4m3 is exact in bf16, so the emulated GEMM can run on the tensor cores without rounding the
+            # operands; the weight side is dequantized once.
+            self.weight_unscaled = nvfp4.dequantize_unscaled(packed, block_scale, compute_dtype)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, shard_sizes: list[int], bias: torch.Tensor | None, native: bool,
+                    compute_dtype: torch.dtype) -> NVFP4Method:
+        shards = torch.split(weight, shard_sizes)
+        row_scales = torch.cat([
+            nvfp4.global_scale_from_amax(s.abs().amax().float()).reshape(1, 1).expand(s.shape[0], 1) for s in shards
+        ])
+        packed, block_scale = nvfp4.quantize(weight, row_scales)
+        groups = [ActivationGroup(0, weight.shape[0], None)]
+        return cls(packed, block_scale, row_scales, groups, bias, native, compute_dtype)
+
+    def __call__(self, x):
+        outs = [self._group_mm(x, g) for g in self.groups]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype)
+
+    def _group_mm(self, x: torch.Tensor, group: ActivationGroup) -> torch.Tensor:
+        if group.input_global_scale is None:
+            x_gs = nvfp4.global_scale_from_amax(x.abs().amax(dim=-1, keepdim=True).float())  # [M, 1]
+        else:
+            x_gs = group.input_global_scale.float().reshape(1, 1)
+        x_packed, x_block_scale = nvfp4.quantize(x, x_gs)
+        w_gs = self.weight_global_scale[group.start:group.end]
+        alpha = 1.0 / (x_gs * w_gs.t())  # [M or 1, N]
+        if self.mode == "native":
+            acc = _fp4_scaled_mm(x_packed, x_block_scale, self.packed[group.start:group.end],
+                                 self.block_scale[group.start:group.end])
+        else:
+            x_hat = nvfp4.dequantize_unscaled(x_packed, x_block_scale, self.compute_dtype)
+            acc = _mm_fp32(x_hat, self.weight_unscaled[group.start:group.end].t())
+        return acc * alpha
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in fp32; 16-bit operands stay on the tensor cores."""
+    if a.dtype == torch.float32:
+        return a @ b
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return a.float() @ b.float()
+
+
+def _fp4_scaled_mm(x_packed, x_block_scale, w_packed, w_block_scale) -> torch.Tensor:
+    """Blackwell FP4 tensor-core GEMM through PyTorch's scaled matmul (cuBLASLt, block scales swizzled 128x4).
+
+    Written against the documented API; not verified on Blackwell hardware, which this project has not had.
+    """
+    m, n = x_packed.shape[0], w_packed.shape[0]
+    a = x_packed.view(torch.float4_e2m1fn_x2)
+    b = w_packed.view(torch.float4_e2m1fn_x2).t()
+    out = torch._scaled_mm(a, b, scale_a=nvfp4.swizzle_block_scale(x_block_scale),
+                           scale_b=nvfp4.swizzle_block_scale(w_block_scale), out_dtype=torch.float32)
+    return out[:m, :n]

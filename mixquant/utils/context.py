@@ -1,0 +1,56 @@
+"""The per-step forward context: what every layer needs to know about the batch, set once per step.
+
+Rows of a step are laid out as [prefill rows | decode rows], so a linear layer routes its rows to the two
+precisions with one slice, and attention reads its segments from here instead of through every signature.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionSegment:
+    """Query rows [row_start, row_end) of one sequence, at positions [context_start, context_start + length)."""
+
+    row_start: int
+    row_end: int
+    context_start: int
+    block_table: torch.Tensor  # block ids holding positions [0, context_start + length)
+
+
+@dataclass
+class ForwardContext:
+    num_prefill_rows: int
+    slot_mapping: torch.Tensor  # [rows] flat KV slot each row writes
+    segments: list[AttentionSegment] | None = None  # general path: any mix of prefill and decode rows
+    # decode-only steps (every row a single-token segment): tensors of fixed shape, so the step can be graph-captured
+    block_tables: torch.Tensor | None = None  # [rows, max_blocks]
+    context_lens: torch.Tensor | None = None  # [rows]
+
+    @property
+    def decode_only(self) -> bool:
+        return self.segments is None
+
+
+_CONTEXT: ForwardContext | None = None
+
+
+def get_context() -> ForwardContext:
+    if _CONTEXT is None:
+        raise RuntimeError("no forward context is set: model layers run only inside forward_context()")
+    return _CONTEXT
+
+
+@contextmanager
+def forward_context(ctx: ForwardContext):
+    global _CONTEXT
+    if _CONTEXT is not None:
+        raise RuntimeError("forward contexts do not nest")
+    _CONTEXT = ctx
+    try:
+        yield ctx
+    finally:
+        _CONTEXT = None

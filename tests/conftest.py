@@ -1,0 +1,58 @@
+"""Tiny random models saved in Hugging Face format, built by the tests themselves (no hub access in CI)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+QWEN3_TOKENIZER = SHARED_DATA / "qwen3-tokenizer"
+
+
+def tokenizer_files() -> Path:
+    if not (QWEN3_TOKENIZER / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"the Qwen3 tokenizer is expected at {QWEN3_TOKENIZER} (shared/ beside the repo)")
+    return QWEN3_TOKENIZER
+
+
+def save_tiny_model(path: Path, arch: str = "qwen3", seed: int = 0, **overrides) -> Path:
+    """A 2-layer model with the real Qwen3 tokenizer, random weights, written as safetensors + config.json."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, eos_token_id=151645, bos_token_id=None)
+    common.update(overrides)
+    config_cls = {"qwen3": Qwen3Config, "llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    if arch in ("qwen3", "llama"):
+        common.setdefault("head_dim", 16)
+    config = config_cls(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # larger-than-init weights so that different tokens give clearly different logits
+            if "norm" not in name:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path)
+    for f in tokenizer_files().iterdir():
+        shutil.copy(f, path / f.name)
+    (path / "generation_config.json").write_text('{"eos_token_id": [151645, 151643]}')
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
