@@ -129,7 +129,8 @@ def _checkpoint_method(layer: Linear, shards: dict[int, dict[str, torch.Tensor]]
     row_scales = torch.cat([s["weight_global_scale"].float().reshape(1, 1).expand(s["weight_packed"].shape[0], 1)
                             for s in ordered])
     groups = _activation_groups(layer, [s.get("input_global_scale") for s in ordered])
-    return NVFP4Method(packed, block_scale, row_scales, groups, bias, native, compute_dtype)
+    return NVFP4Method(packed, block_scale, row_scales, groups, bias, native, compute_dtype,
+                       quantize_activations=scheme.activations_quantized)
 
 
 def _activation_groups(layer: Linear, input_scales: list[torch.Tensor | None]) -> list[ActivationGroup]:
@@ -147,20 +148,26 @@ def _activation_groups(layer: Linear, input_scales: list[torch.Tensor | None]) -
     return groups
 
 
-def _is_unquantized(layer: Linear, ignore: list[str]) -> bool:
+def matches_user_layer(module_name: str, patterns: list[str]) -> bool:
+    """A user's `unquantized_layers` entry: a full module name, a dotted suffix ("qkv_proj") or a `re:` regex."""
+    return any(module_name == p or module_name.endswith("." + p) or ct.matches_ignore(module_name, [p])
+               for p in patterns)
+
+
+def _is_unquantized(layer: Linear, user_patterns: list[str], checkpoint_ignore: list[str]) -> bool:
     names = [layer.prefix, *layer.shard_module_names()]
-    return any(ct.matches_ignore(name, ignore) for name in names)
+    return any(matches_user_layer(n, user_patterns) or ct.matches_ignore(n, checkpoint_ignore) for n in names)
 
 
 def assign_linear_methods(model: CausalLM, config: EngineConfig, compute_dtype: torch.dtype,
                           prequantized: PrequantizedCheckpoint | None):
-    ignore = list(config.unquantized_layers) + (prequantized.scheme.ignore if prequantized else [])
+    checkpoint_ignore = prequantized.scheme.ignore if prequantized else []
     device = config.device_obj
     for layer in model.linear_layers():
         methods: dict[str, LinearMethod] = {}
 
         def method(precision: str) -> LinearMethod:
-            if _is_unquantized(layer, ignore):
+            if _is_unquantized(layer, config.unquantized_layers, checkpoint_ignore):
                 precision = "bf16"
             if precision not in methods:
                 native = kernel_mode(precision, device) == "native"

@@ -78,18 +78,21 @@ class NVFP4Method(LinearMethod):
     Weight global scales are kept per output row, so fused shards (q/k/v, gate/up) that carry their own global
     scales stay exact: alpha = 1 / (gs_x * gs_w) is applied per row and column in the fp32 epilogue. Without a
     calibrated input global scale, activations get a dynamic per-token one, which keeps every row independent of
-    the others in its batch.
+    the others in its batch. Weight-only checkpoints (NVFP4A16) keep activations in the model dtype.
     """
 
     precision = "nvfp4"
 
     def __init__(self, packed: torch.Tensor, block_scale: torch.Tensor, weight_global_scale: torch.Tensor,
-                 groups: list[ActivationGroup], bias: torch.Tensor | None, native: bool, compute_dtype: torch.dtype):
+                 groups: list[ActivationGroup], bias: torch.Tensor | None, native: bool, compute_dtype: torch.dtype,
+                 quantize_activations: bool = True):
         self.packed, self.block_scale = packed, block_scale
+        self.quantize_activations = quantize_activations
+        native = native and quantize_activations  # FP4 tensor cores take FP4 operands on both sides
         self.weight_global_scale = weight_global_scale.float().reshape(-1, 1)  # [N, 1]
         self.groups, self.bias, self.compute_dtype = groups, bias, compute_dtype
         self.mode = "native" if native else "emulated"
-        if not native:
+        if self.mode == "emulated":
             # e2m1 * e4m3 is exact in bf16, so the emulated GEMM can run on the tensor cores without rounding the
             # operands; the weight side is dequantized once.
             self.weight_unscaled = nvfp4.dequantize_unscaled(packed, block_scale, compute_dtype)
@@ -113,12 +116,15 @@ class NVFP4Method(LinearMethod):
         return out.to(x.dtype)
 
     def _group_mm(self, x: torch.Tensor, group: ActivationGroup) -> torch.Tensor:
+        w_gs = self.weight_global_scale[group.start:group.end]
+        if not self.quantize_activations:
+            acc = _mm_fp32(x.to(self.compute_dtype), self.weight_unscaled[group.start:group.end].t())
+            return acc / w_gs.t()
         if group.input_global_scale is None:
             x_gs = nvfp4.global_scale_from_amax(x.abs().amax(dim=-1, keepdim=True).float())  # [M, 1]
         else:
             x_gs = group.input_global_scale.float().reshape(1, 1)
         x_packed, x_block_scale = nvfp4.quantize(x, x_gs)
-        w_gs = self.weight_global_scale[group.start:group.end]
         alpha = 1.0 / (x_gs * w_gs.t())  # [M or 1, N]
         if self.mode == "native":
             acc = _fp4_scaled_mm(x_packed, x_block_scale, self.packed[group.start:group.end],

@@ -1,0 +1,48 @@
+"""`mixquant generate`: one completion from the command line."""
+from __future__ import annotations
+
+from mixquant.config import PRECISIONS
+
+
+def add_engine_arguments(p):
+    """Engine flags shared by every command that builds an engine (named as in `vllm serve`)."""
+    p.add_argument("--prefill-precision", default="auto", choices=["auto", *PRECISIONS])
+    p.add_argument("--decode-precision", default="bf16", choices=PRECISIONS)
+    p.add_argument("--prefill-model", help="pre-quantized compressed-tensors checkpoint for the prefill phase")
+    p.add_argument("--tokenizer")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def engine_kwargs(args) -> dict:
+    return dict(prefill_precision=args.prefill_precision, decode_precision=args.decode_precision,
+                prefill_model=args.prefill_model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+                max_model_len=args.max_model_len, seed=args.seed)
+
+
+def register(subparsers):
+    p = subparsers.add_parser("generate", help="print one completion of a prompt")
+    p.add_argument("--model", help="checkpoint folder or Hugging Face id")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_engine_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from mixquant import LLM, SamplingParams
+
+    if not args.model:
+        raise SystemExit("mixquant generate: pass --model (a checkpoint folder or a Hugging Face id)")
+    llm = LLM(args.model, **engine_kwargs(args))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    if args.chat:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
+    else:
+        out = llm.generate(args.prompt, params, use_tqdm=False)
+    print(out[0].outputs[0].text)
+    return 0
