@@ -36,10 +36,11 @@ def block_hash(previous: int | None, writer: str, token_ids: list[int]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, phases_differ: bool):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, prefill_precision: str,
+                 decode_precision: str):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.phases_differ = phases_differ
+        self.prefill_precision, self.decode_precision = prefill_precision, decode_precision
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
@@ -61,16 +62,18 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def writer(self, seq: Sequence, block_index: int) -> str:
-        """Which precision wrote a block's KV: 'p' (prefill), 'd' (decode) or 'm<k>' (the phase boundary at k)."""
-        if not self.phases_differ:
-            return "-"
+        """The precision that wrote a block's KV; a block across the phase boundary names both and where."""
+        if block_index < seq.num_imported_blocks:
+            return seq.imported_kv_precision
+        if self.prefill_precision == self.decode_precision:
+            return self.prefill_precision
         boundary = seq.num_prompt_tokens - 1
         start, end = block_index * self.block_size, (block_index + 1) * self.block_size
         if end <= boundary:
-            return "p"
+            return self.prefill_precision
         if start >= boundary:
-            return "d"
-        return f"m{boundary - start}"
+            return self.decode_precision
+        return f"{self.prefill_precision}<{boundary - start}>{self.decode_precision}"
 
     def _hash_chain(self, seq: Sequence, num_blocks: int, start: int = 0, previous: int | None = None):
         bs = self.block_size

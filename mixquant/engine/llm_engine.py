@@ -47,7 +47,7 @@ class LLMEngine:
         self.generation_defaults, self.eos_token_ids = self._generation_config()
         self.runner = ModelRunner(config, self.hf_config, self.dtype, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
-                                          phases_differ=config.prefill_precision != config.decode_precision)
+                                          config.prefill_precision, config.decode_precision)
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, Request] = {}
         self.default_generator = torch.Generator(device=config.device_obj).manual_seed(config.seed)
@@ -289,7 +289,7 @@ class LLMEngine:
         seq = self.requests[request_id].seqs[0]
         full = min(seq.num_computed_tokens, seq.num_prompt_tokens - 1)
         blocks = seq.block_table[:self.block_manager.blocks_needed(full)]
-        return {"token_ids": seq.token_ids[:full], "num_prompt_tokens": seq.num_prompt_tokens,
+        return {"token_ids": seq.token_ids[:full], "prefill_precision": self.config.prefill_precision,
                 "kv": self.runner.read_kv_blocks(blocks).cpu()}
 
     def add_request_with_kv(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -314,6 +314,8 @@ class LLMEngine:
             if seq.num_computed_tokens < n:
                 first = seq.num_computed_tokens // bs  # blocks before this came from the local prefix cache
                 self.runner.write_kv_blocks(seq.block_table[first:n // bs], exported["kv"][:, :, first:n // bs])
+                # cached under the precision that computed them, so local prompts of another precision miss them
+                seq.num_imported_blocks, seq.imported_kv_precision = n // bs, exported["prefill_precision"]
                 seq.num_computed_tokens = n
                 self.block_manager.register_computed_blocks(seq)
             seq.status = seq.status.RUNNING

@@ -43,6 +43,8 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     num_preemptions: int = 0
+    num_imported_blocks: int = 0  # leading blocks whose KV came from another engine (export_kv)
+    imported_kv_precision: str = ""
 
     def __post_init__(self):
         self.num_prompt_tokens = len(self.token_ids)
