@@ -76,6 +76,20 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None
     return names[dtype]
 
 
+def prequantized_scheme(model: str, revision: str | None = None) -> str:
+    """'nvfp4' or 'fp8': what a compressed-tensors checkpoint holds."""
+    import json
+
+    from mixquant.quantization.compressed_tensors import parse_quantization_config
+    from mixquant.utils.hf import resolve_model_path
+
+    config = json.loads((resolve_model_path(model, revision) / "config.json").read_text())
+    if "quantization_config" not in config:
+        raise ValueError(f"prefill_model {model!r} has no quantization_config: it is not a compressed-tensors "
+                         "checkpoint (mixquant quantize writes one)")
+    return parse_quantization_config(config["quantization_config"]).name
+
+
 @dataclass
 class EngineConfig:
     model: str
@@ -103,10 +117,15 @@ class EngineConfig:
     def __post_init__(self):
         self.device_obj = resolve_device(self.device)
         if self.prefill_precision == "auto":
-            self.prefill_precision = default_prefill_precision(self.device_obj)
+            self.prefill_precision = (prequantized_scheme(self.prefill_model, self.revision) if self.prefill_model
+                                      else default_prefill_precision(self.device_obj))
         for name in ("prefill_precision", "decode_precision"):
             if getattr(self, name) not in PRECISIONS:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(PRECISIONS)}")
+        if self.prefill_model and prequantized_scheme(self.prefill_model, self.revision) != self.prefill_precision:
+            raise ValueError(f"prefill_model {self.prefill_model!r} holds "
+                             f"{prequantized_scheme(self.prefill_model, self.revision)} weights but "
+                             f"prefill_precision={self.prefill_precision!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -51,6 +51,10 @@ def load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]):
     """Copies a Hugging Face state dict (possibly sharded q/k/v, gate/up) into the model; every parameter must come."""
     modules = dict(model.named_modules())
     expected = {name for name, _ in model.named_parameters()}
+    for layer in model.linear_layers():  # a fused layer is complete only when every shard came
+        for param in ("weight", "bias") if layer.bias is not None else ("weight",):
+            expected.discard(f"{layer.prefix}.{param}")
+            expected.update(f"{parent}.{param}" for parent in layer.shard_module_names())
     loaded: set[str] = set()
     unexpected: list[str] = []
     tied = getattr(model.config, "tie_word_embeddings", False)
@@ -62,7 +66,7 @@ def load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]):
         module = modules.get(target)
         if isinstance(module, Linear):
             module.load_shard(param_name, tensor, shard)
-            loaded.add(f"{target}.{param_name}")
+            loaded.add(name)
         elif module is not None and hasattr(module, param_name):
             param = getattr(module, param_name)
             if param.shape != tensor.shape:

@@ -1,0 +1,74 @@
+"""Bad input gets a clear error that names the problem."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from mixquant import LLM, SamplingParams
+
+
+def test_too_long_prompt_names_both_lengths(tiny_qwen3):
+    llm = LLM(str(tiny_qwen3), dtype="float32", device="cpu", max_model_len=64)
+    with pytest.raises(ValueError, match=r"70 tokens.*max_model_len=64"):
+        llm.generate([list(range(100, 170))], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.generate("still serving", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_bad_token_ids_and_empty_prompt(tiny_qwen3):
+    llm = LLM(str(tiny_qwen3), dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="token ids"):
+        llm.generate([[1, 2, 10**9]], use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], use_tqdm=False)
+
+
+def test_max_model_len_beyond_the_model(tiny_qwen3):
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        LLM(str(tiny_qwen3), dtype="float32", device="cpu", max_model_len=10**6)
+
+
+def test_unknown_architecture_lists_supported(tiny_qwen3, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_qwen3, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["architectures"] = ["Qwen3MoeForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unsupported architecture.*Qwen3ForCausalLM.*LlamaForCausalLM"):
+        LLM(str(bad), device="cpu")
+
+
+def test_missing_files(tiny_qwen3, tmp_path):
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_qwen3, no_weights)
+    for f in no_weights.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        LLM(str(no_weights), device="cpu")
+    with pytest.raises(ValueError, match="not a local folder"):
+        LLM(str(tmp_path / "does-not-exist"), device="cpu")
+    (no_weights / "config.json").unlink()
+    with pytest.raises(ValueError, match="no config.json"):
+        LLM(str(no_weights), device="cpu")
+
+
+def test_missing_tensors_are_named(tiny_qwen3, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_qwen3, partial)
+    tensors = load_file(partial / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, partial / "model.safetensors")
+    with pytest.raises(ValueError, match="gate_up_proj|lacks"):
+        LLM(str(partial), device="cpu")
+
+
+@pytest.mark.parametrize("kwargs,field", [(dict(prefill_precision="int4"), "prefill_precision"),
+                                          (dict(decode_precision="fp4"), "decode_precision"),
+                                          (dict(dtype="int8"), "dtype"), (dict(device="cuda"), "cuda")])
+def test_bad_engine_options(tiny_qwen3, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LLM(str(tiny_qwen3), **kwargs)
