@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mixquant import __version__
 from mixquant.eval.client import ChatClient, EndpointError, ModelClient, SamplingConfig
 from mixquant.eval.data import DatasetUnavailable
 from mixquant.eval.metrics import mean_over_seeds, summary_table
@@ -253,8 +254,6 @@ def run_config(
     server: dict[str, Any],
 ) -> dict[str, Any]:
     """Everything needed to tell two runs apart, written next to their results (never the API key)."""
-    from mixquant import __version__
-
     return {
         "benchmark": benchmark.name,
         "seed": seed,

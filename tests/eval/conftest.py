@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scripted_openai_server import Script, ScriptedServer
+
+from tests.eval.scripted_openai_server import Script, ScriptedServer
 
 # CI clones the repository with shared/ beside it.
 DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"

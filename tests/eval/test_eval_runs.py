@@ -13,11 +13,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from scripted_openai_server import FailFirst, Reply
 
 from mixquant.eval import cli as eval_cli
 from mixquant.eval.longmemeval import LongMemEval
 from mixquant.eval.reasoning import BOXED_INSTRUCTION, DATASETS, ReasoningBenchmark
+from tests.eval.scripted_openai_server import FailFirst, Reply
 
 NVFP4_BF16 = {"prefill_precision": "nvfp4", "decode_precision": "bf16", "nvfp4": "emulated"}
 
