@@ -1,0 +1,183 @@
+"""GPU check of the engine core (run through the device tool; CI has no GPU).
+
+1. BF16 logits of the engine against transformers on a Qwen3-8B-shaped model cut to a few layers (random weights,
+   real per-layer shapes), and greedy agreement.
+2. The full 36-layer Qwen3-8B shape (random weights) in the pairs bf16/bf16, fp8/bf16, nvfp4/bf16, nvfp4/nvfp4:
+   it runs, no NaNs, which kernels ran, first-token logits against bf16/bf16, rough step times (eager; these
+   are not benchmarks — `mixquant bench` is).
+
+Usage: PYTHONPATH=. python gpu_tests/check_engine.py --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, architectures=["Qwen3ForCausalLM"])
+# ../shared does not travel to the device machine: the tokenizer is carried in an ignored folder of the repo
+_ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = next(p for p in (_ROOT / ".carry" / "qwen3-tokenizer", _ROOT.parent / "shared" / "data" / "qwen3-tokenizer")
+                 if p.is_dir())
+
+
+def check_kernels() -> dict:
+    """Native FP8 and emulated NVFP4 linear methods against float64 references of the same quantized operands."""
+    from mixquant.quantization import fp8, nvfp4
+    from mixquant.quantization.linear_methods import FP8Method, NVFP4Method
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    m = FP8Method.from_weight(w, None, native=True)
+    xq, xs = fp8.quantize_rowwise(x)
+    ref = (xq.double() * xs.double()) @ (m.qweight.double() * m.weight_scale.double()).t()
+    n = NVFP4Method.from_weight(w, [512, 512], None, native=False, compute_dtype=torch.bfloat16)
+    x_gs = nvfp4.global_scale_from_amax(x.abs().amax(-1, keepdim=True).float())
+    x_hat = nvfp4.dequantize(*nvfp4.quantize(x, x_gs), x_gs).double()
+    w_hat = nvfp4.dequantize(n.packed, n.block_scale, n.weight_global_scale).double()
+    return {"fp8_native_vs_f64": rel_err(m(x), ref), "fp8_mode": m.mode,
+            "nvfp4_emulated_vs_f64": rel_err(n(x), x_hat @ w_hat.t()), "nvfp4_mode": n.mode}
+
+
+def write_config_dir(path: Path, **overrides) -> Path:
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(**{**QWEN3_8B, **overrides})
+    config.dtype = torch.bfloat16
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(path)
+    for f in TOKENIZER.iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check_against_transformers(workdir: Path, layers: int) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mixquant import LLM, SamplingParams
+    from tests.engine.helpers import engine_prompt_logits
+
+    path = write_config_dir(workdir / "qwen3-8b-shape-cut", num_hidden_layers=layers)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        ref = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16).eval()
+    ref.save_pretrained(path)
+    ids = torch.randint(0, 150000, (1, 1024), generator=torch.Generator().manual_seed(1)).tolist()[0]
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids], device="cuda")).logits[0].float()
+        greedy_ref = ref.generate(torch.tensor([ids], device="cuda"), max_new_tokens=32, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    del ref
+    torch.cuda.empty_cache()
+    llm = LLM(str(path), prefill_precision="bf16", decode_precision="bf16", max_model_len=4096)
+    ours = engine_prompt_logits(llm.engine, ids)
+    greedy = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    first_diff = next((i for i, (a, b) in enumerate(zip(greedy, greedy_ref)) if a != b), len(greedy))
+    result = {"layers": layers, "prompt_tokens": len(ids), "logits_rel_err": rel_err(ours, theirs),
+              "top1_agreement": (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item(),
+              "greedy_equal_prefix": first_diff, "greedy_tokens": len(greedy)}
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def run_pairs(workdir: Path, prompt_len: int, new_tokens: int) -> list[dict]:
+    from mixquant import LLM, SamplingParams
+
+    path = write_config_dir(workdir / "qwen3-8b-shape")
+    ids = torch.randint(0, 150000, (prompt_len,), generator=torch.Generator().manual_seed(2)).tolist()
+    rows, reference = [], None
+    for prefill, decode in [("bf16", "bf16"), ("fp8", "bf16"), ("nvfp4", "bf16"), ("nvfp4", "nvfp4")]:
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        llm = LLM(str(path), load_format="dummy", prefill_precision=prefill, decode_precision=decode,
+                  max_model_len=8192, max_num_batched_tokens=8192, gpu_memory_utilization=0.85)
+        load_s = time.perf_counter() - t0
+        engine = llm.engine
+        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=0)
+        engine.add_request("warm", ids[:256], SamplingParams(max_tokens=2))
+        while engine.has_unfinished_requests():
+            engine.step()
+        engine.add_request("r", ids, params)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = engine.step()  # whole prompt: prefill rows + the last prompt token's decode row
+        torch.cuda.synchronize()
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        while engine.has_unfinished_requests():
+            out = engine.step() or out
+        torch.cuda.synchronize()
+        decode_s = (time.perf_counter() - t0) / (new_tokens - 1)
+        completion = out[-1].outputs[0]
+        layer = engine.runner.model.model.layers[0].mlp.down_proj
+        first_lp = completion.logprobs[0][completion.token_ids[0]].logprob
+        row = {"pair": f"{prefill}/{decode}", "prefill_kernels": repr(layer.prefill_method),
+               "decode_kernels": repr(layer.decode_method), "load_s": round(load_s, 1),
+               "ttft_s": round(ttft, 4), "prefill_tok_per_s": round(prompt_len / ttft),
+               "decode_ms_per_token": round(decode_s * 1e3, 2), "kv_cache_tokens": engine.kv_cache_tokens(),
+               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+               "finite": bool(all(torch.isfinite(torch.tensor(lp[t].logprob)) for lp, t in
+                                  zip(completion.logprobs, completion.token_ids))),
+               "first_token_logprob": round(first_lp, 4), "tokens": completion.token_ids[:8]}
+        if reference is None:
+            reference = completion.token_ids
+        row["greedy_equal_prefix_vs_bf16"] = next(
+            (i for i, (a, b) in enumerate(zip(completion.token_ids, reference)) if a != b), len(reference))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del llm, engine, layer
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="gpu_out")
+    parser.add_argument("--cut-layers", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=2048)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    kernels = check_kernels()
+    print("kernel check:", json.dumps(kernels), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = check_against_transformers(Path(tmp), args.cut_layers)
+        print("transformers check:", json.dumps(ref), flush=True)
+        rows = run_pairs(Path(tmp), args.prompt_len, args.new_tokens)
+    (out / "engine_check.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                                       "kernels": kernels,
+                                                       "transformers_check": ref, "pairs": rows}, indent=2))
+    print(f"\n{'pair':14} {'prefill kernels':16} {'decode':14} {'ttft s':>8} {'prefill tok/s':>13} "
+          f"{'decode ms/tok':>13} {'KV tokens':>10} {'peak GiB':>8} finite")
+    for r in rows:
+        print(f"{r['pair']:14} {r['prefill_kernels']:16} {r['decode_kernels']:14} {r['ttft_s']:8.3f} "
+              f"{r['prefill_tok_per_s']:13d} {r['decode_ms_per_token']:13.2f} {r['kv_cache_tokens']:10d} "
+              f"{r['peak_gib']:8.1f} {r['finite']}")
+    ok = kernels["fp8_native_vs_f64"] < 1e-2 and kernels["nvfp4_emulated_vs_f64"] < 1e-2
+    ok = ok and ref["logits_rel_err"] < 0.02 and ref["top1_agreement"] > 0.95 and all(r["finite"] for r in rows)
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
