@@ -110,6 +110,7 @@ class EngineConfig:
     hf_overrides: dict | None = None
     unquantized_layers: list[str] = field(default_factory=list)  # kept in the model dtype in every phase
     enforce_eager: bool = False
+    skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks of random-weight shapes)
     load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes (benchmarks)
     seed: int = 0
     revision: str | None = None
@@ -129,6 +130,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.skip_tokenizer_init and self.tokenizer:
+            raise ValueError("skip_tokenizer_init and tokenizer= exclude each other")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -42,8 +42,8 @@ class LLMEngine:
         self.hf_config = load_config(self.model_path, config.hf_overrides)
         self.dtype = resolve_dtype(config.dtype, getattr(self.hf_config, "dtype", None), config.device_obj)
         self.max_model_len = self._max_model_len()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(config.tokenizer, config.revision))
-                                                       if config.tokenizer else str(self.model_path))
+        self.tokenizer = None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(
+            str(resolve_model_path(config.tokenizer, config.revision)) if config.tokenizer else str(self.model_path))
         self.generation_defaults, self.eos_token_ids = self._generation_config()
         self.runner = ModelRunner(config, self.hf_config, self.dtype, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
@@ -76,19 +76,23 @@ class LLMEngine:
             ids = gen.get("eos_token_id")
             eos.update(ids if isinstance(ids, list) else [ids] if ids is not None else [])
             defaults = {k: gen[k] for k in GENERATION_DEFAULT_KEYS if k in gen}
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         return defaults, eos
 
     # ---- requests -----------------------------------------------------------------------------------------
 
     def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this engine was started with skip_tokenizer_init: pass prompts as token ids")
         return self.tokenizer(prompt)["input_ids"]
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None):
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine was started with skip_tokenizer_init")
         text, token_ids = (prompt, self.tokenize(prompt)) if isinstance(prompt, str) else (None, list(prompt))
         self._validate_prompt(token_ids)
         seqs = []
@@ -184,10 +188,12 @@ class LLMEngine:
         return entry
 
     def _decode_token(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else ""
 
     def _detokenize(self, seq: Sequence) -> str:
         """Incremental detokenization over a small window, so multi-token characters come out whole."""
+        if self.tokenizer is None:
+            return ""
         skip = seq.params.skip_special_tokens
         prefix = self.tokenizer.decode(seq.token_ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
         full = self.tokenizer.decode(seq.token_ids[seq.prefix_offset:], skip_special_tokens=skip)

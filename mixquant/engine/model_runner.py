@@ -53,6 +53,9 @@ class ModelRunner:
                                                     self.device)
         loader.assign_linear_methods(self.model, config, dtype, prequantized)
         self.num_blocks = self._allocate_kv_cache()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_decode_graphs()
 
     # ---- KV cache -------------------------------------------------------------------------------------------
 
@@ -76,7 +79,10 @@ class ModelRunner:
             raise ValueError("no memory is left for the KV cache: lower max_num_batched_tokens or raise "
                              "gpu_memory_utilization / kv_cache_memory_bytes")
         attn = self.model.attention_layers()[0]
-        shape = (2, len(self.model.attention_layers()), num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+        # one block more than the block manager hands out: padded rows of captured decode graphs write there
+        self.scratch_block = num_blocks
+        shape = (2, len(self.model.attention_layers()), num_blocks + 1, self.block_size, attn.num_kv_heads,
+                 attn.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.attention_layers()):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
@@ -175,8 +181,58 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
+        rows = inputs.input_ids.shape[0]
+        if inputs.context.decode_only and self.graphs and rows <= max(self.graphs):
+            return self._replay(inputs, rows)
         with forward_context(inputs.context):
             return self.model(inputs.input_ids, inputs.positions)
+
+    # ---- CUDA graphs for decode steps ---------------------------------------------------------------------------
+
+    def _capture_decode_graphs(self):
+        """One graph per batch size; a decode step of b rows replays the smallest graph with >= b rows."""
+        max_rows = min(self.config.max_num_seqs, 256)
+        sizes = sorted({1, 2, 4, 8, *range(16, max_rows + 1, 16), max_rows})
+        dev = self.device
+        max_blocks = -(-self.max_model_len // self.block_size)
+        self.graph_inputs = {
+            "input_ids": torch.zeros(max_rows, dtype=torch.long, device=dev),
+            "positions": torch.zeros(max_rows, dtype=torch.long, device=dev),
+            "slot_mapping": torch.full((max_rows,), self.scratch_block * self.block_size, dtype=torch.long,
+                                       device=dev),
+            "block_tables": torch.full((max_rows, max_blocks), self.scratch_block, dtype=torch.int32, device=dev),
+            "context_lens": torch.ones(max_rows, dtype=torch.int32, device=dev),
+        }
+        self.graph_outputs: dict[int, torch.Tensor] = {}
+        pool = None
+        for rows in reversed(sizes):
+            g = self.graph_inputs
+            ctx = ForwardContext(0, g["slot_mapping"][:rows], block_tables=g["block_tables"][:rows],
+                                 context_lens=g["context_lens"][:rows])
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), forward_context(ctx):
+                self.model(g["input_ids"][:rows], g["positions"][:rows])  # warm-up: compiles, allocates
+                torch.cuda.synchronize()
+                with torch.cuda.graph(graph, pool):
+                    self.graph_outputs[rows] = self.model(g["input_ids"][:rows], g["positions"][:rows])
+            pool = graph.pool()
+            self.graphs[rows] = graph
+        torch.cuda.synchronize()
+
+    def _replay(self, inputs: StepInputs, rows: int) -> torch.Tensor:
+        size = min(r for r in self.graphs if r >= rows)
+        g, ctx = self.graph_inputs, inputs.context
+        g["input_ids"][:rows] = inputs.input_ids
+        g["positions"][:rows] = inputs.positions
+        g["slot_mapping"][:rows] = ctx.slot_mapping
+        g["slot_mapping"][rows:size] = self.scratch_block * self.block_size
+        width = ctx.block_tables.shape[1]
+        g["block_tables"][:rows, :width] = ctx.block_tables
+        g["context_lens"][:rows] = ctx.context_lens
+        g["context_lens"][rows:size] = 1
+        g["block_tables"][rows:size, 0] = self.scratch_block
+        self.graphs[size].replay()
+        return self.graph_outputs[size][:rows]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:

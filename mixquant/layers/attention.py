@@ -28,19 +28,23 @@ class TorchAttentionBackend:
     def _segment(q, k, v, k_cache, v_cache, seg: AttentionSegment, scale: float) -> torch.Tensor:
         rows = slice(seg.row_start, seg.row_end)
         n = seg.row_end - seg.row_start
-        q_seg = q[rows].transpose(0, 1)  # [heads, n, dim]
+        # [1, heads, n, dim] contiguous: the layout SDPA's flash/cuDNN kernels take (3-D or strided inputs
+        # fall back to the math kernel, 40x slower on an H100 at 4k tokens)
+        q_seg = _heads_first(q[rows])
         if seg.context_start == 0:
             # nothing cached before this segment: attend to its own fresh K/V (the fast causal kernel)
-            k_seg, v_seg = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
-            return F.scaled_dot_product_attention(q_seg, k_seg, v_seg, is_causal=True, scale=scale,
-                                                  enable_gqa=True).transpose(0, 1)
+            out = F.scaled_dot_product_attention(q_seg, _heads_first(k[rows]), _heads_first(v[rows]),
+                                                 is_causal=True, scale=scale, enable_gqa=True)
+            return out[0].transpose(0, 1)
         total = seg.context_start + n
-        k_ctx = _gather(k_cache, seg.block_table, total).transpose(0, 1)
-        v_ctx = _gather(v_cache, seg.block_table, total).transpose(0, 1)
+        groups = q.shape[1] // k.shape[1]
+        # a causal mask offset by the cached prefix: the memory-efficient kernel takes masks but not GQA
+        k_ctx = _heads_first(_gather(k_cache, seg.block_table, total).repeat_interleave(groups, dim=1))
+        v_ctx = _heads_first(_gather(v_cache, seg.block_table, total).repeat_interleave(groups, dim=1))
         query_pos = torch.arange(seg.context_start, total, device=q.device)
         mask = torch.arange(total, device=q.device)[None, :] <= query_pos[:, None]
-        return F.scaled_dot_product_attention(q_seg, k_ctx, v_ctx, attn_mask=mask, scale=scale,
-                                              enable_gqa=True).transpose(0, 1)
+        out = F.scaled_dot_product_attention(q_seg, k_ctx, v_ctx, attn_mask=mask[None, None], scale=scale)
+        return out[0].transpose(0, 1)
 
     @staticmethod
     def _decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
@@ -53,6 +57,11 @@ class TorchAttentionBackend:
         out = F.scaled_dot_product_attention(q.unsqueeze(2), k_ctx, v_ctx, attn_mask=mask, scale=scale,
                                              enable_gqa=True)
         return out.squeeze(2)
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """[tokens, heads, dim] -> contiguous [1, heads, tokens, dim]."""
+    return x.transpose(0, 1).contiguous().unsqueeze(0)
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""Where does a step's time go? Profiles one prefill step and a few decode steps on the Qwen3-8B shape.
+
+Usage: PYTHONPATH=. python3 gpu_tests/profile_engine.py [--pairs bf16/bf16,fp8/bf16] [--context 4096]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gpu_tests.check_engine import write_config_dir
+
+
+def attention_variants(n: int):
+    """SDPA backends for one layer's causal GQA prefill at n tokens (32 q heads, 8 kv heads, dim 128)."""
+    q = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(n, 8, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    flops = 4 * n * n * 32 * 128 / 2
+    from triton.testing import do_bench
+
+    variants = {
+        "gqa_transposed_views": lambda: F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True),
+        "expanded_kv_4d": lambda: F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.repeat_interleave(4, dim=1).transpose(0, 1)[None],
+            v.repeat_interleave(4, dim=1).transpose(0, 1)[None], is_causal=True),
+        "gqa_4d_contiguous": lambda: F.scaled_dot_product_attention(
+            q.transpose(0, 1).contiguous()[None], k.transpose(0, 1).contiguous()[None],
+            v.transpose(0, 1).contiguous()[None], is_causal=True, enable_gqa=True),
+    }
+    for name, fn in variants.items():
+        try:
+            ms = do_bench(fn, warmup=5, rep=20)
+            print(f"attention n={n} {name:24} {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s")
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"attention n={n} {name:24} failed: {type(e).__name__}: {str(e)[:120]}")
+
+
+def profile_pair(path, pair: str, context: int):
+    from mixquant import LLM, SamplingParams
+
+    prefill, decode = pair.split("/")
+    llm = LLM(str(path), load_format="dummy", prefill_precision=prefill, decode_precision=decode,
+              max_model_len=context + 64, max_num_batched_tokens=context, enable_prefix_caching=False)
+    engine = llm.engine
+    ids = torch.randint(0, 150000, (context,)).tolist()
+    for _ in range(2):  # warm-up
+        engine.add_request("w", ids, SamplingParams(max_tokens=2, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+    engine.add_request("r", ids, SamplingParams(max_tokens=9, ignore_eos=True))
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        for _ in range(8):
+            engine.step()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+    print(f"\n=== {pair} context {context}: prefill step {t1 - t0:.4f} s ({context / (t1 - t0):.0f} tok/s), "
+          f"decode {(t2 - t1) / 8 * 1e3:.2f} ms/token")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    del llm, engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def transformers_prefill(path, context: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa").eval()
+    ids = torch.randint(0, 150000, (1, context), device="cuda")
+    from triton.testing import do_bench
+
+    with torch.no_grad():
+        ms = do_bench(lambda: model(ids, logits_to_keep=1), warmup=2, rep=10)
+    print(f"transformers sdpa bf16 prefill {context}: {ms:.1f} ms = {context / ms * 1e3:.0f} tok/s")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pairs", default="bf16/bf16,fp8/bf16")
+    parser.add_argument("--context", type=int, default=4096)
+    args = parser.parse_args()
+    import tempfile
+    from pathlib import Path
+
+    for n in (4096, 32768):
+        attention_variants(n)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_config_dir(Path(tmp) / "q8b")
+        transformers_prefill(path, args.context)
+        for pair in args.pairs.split(","):
+            profile_pair(path, pair, args.context)
+
+
+if __name__ == "__main__":
+    main()

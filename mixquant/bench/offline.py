@@ -1,0 +1,215 @@
+"""`mixquant bench prefill|decode`: engine speed per precision pair, side by side in one run.
+
+Every row reports tokens/s next to achieved TFLOP/s (prefill) or GB/s (decode) and the ceilings measured in the
+same run (a large BF16 matmul, a device-to-device copy), so a number can be read against what the card can do.
+Times are medians of several repeats after warm-up, taken with CUDA events.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mixquant.bench.shapes import linear_params, prefill_flops
+from mixquant.config import EngineConfig
+from mixquant.engine.llm_engine import LLMEngine
+from mixquant.sampling_params import SamplingParams
+from mixquant.utils.hf import load_config
+
+
+@dataclass
+class Row:
+    kind: str  # "prefill" | "decode"
+    engine: str  # "mixquant" | "transformers"
+    prefill_precision: str
+    decode_precision: str
+    context: int
+    batch: int
+    tokens_per_s: float
+    time_s: float
+    tflops: float | None = None
+    gbps: float | None = None
+    ratio_to_baseline: float | None = None
+    notes: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def timed(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+    """Median seconds of fn over repeats (CUDA events on GPU, a host clock otherwise)."""
+    for _ in range(warmup):
+        fn()
+    cuda = torch.cuda.is_available()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_ceilings() -> dict:
+    """The card's BF16 matmul rate and copy bandwidth, measured now (random data, not zeros)."""
+    if not torch.cuda.is_available():
+        return {}
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = timed(lambda: a @ b, 10, 3)
+    src = torch.randn(2 << 28, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    copy = timed(lambda: dst.copy_(src), 10, 3)
+    result = {"bf16_matmul_tflops": 2 * 8192**3 / mm / 1e12,
+              "copy_gbps": 2 * src.numel() * src.element_size() / copy / 1e9}
+    del a, b, src, dst
+    torch.cuda.empty_cache()
+    return result
+
+
+def _engine(model: str, pair: str, max_len: int, batched_tokens: int, max_seqs: int, hf_overrides: dict | None,
+            eager: bool) -> LLMEngine:
+    prefill, decode = pair.split("/")
+    return LLMEngine(EngineConfig(model=model, load_format="dummy", skip_tokenizer_init=True,
+                                  prefill_precision=prefill, decode_precision=decode, max_model_len=max_len,
+                                  max_num_batched_tokens=batched_tokens, max_num_seqs=max_seqs,
+                                  enable_prefix_caching=False, hf_overrides=hf_overrides, enforce_eager=eager))
+
+
+def _free(*objects):
+    del objects
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _random_prompt(length: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(0, min(vocab, 150000), (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def memory_notes(engine: LLMEngine) -> dict:
+    """Weight bytes held for both phases (fp8/bf16 keeps two copies) and the KV tokens left beside them."""
+    seen, total = set(), 0
+    tensors = [p for p in engine.runner.model.parameters()]
+    for layer in engine.runner.model.linear_layers():
+        for method in (layer.prefill_method, layer.decode_method):
+            tensors += [v for v in vars(method).values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return {"weight_gib": round(total / 2**30, 2), "kv_cache_tokens": engine.kv_cache_tokens()}
+
+
+def bench_prefill(model: str, pairs: list[str], contexts: list[int], repeats: int, hf_overrides: dict | None,
+                  compare_transformers: bool) -> list[Row]:
+    rows: list[Row] = []
+    for pair in pairs:
+        engine = _engine(model, pair, max(contexts) + 16, max(contexts), 4, hf_overrides, eager=True)
+        notes = memory_notes(engine)
+        for context in contexts:
+            prompt = _random_prompt(context, engine.hf_config.vocab_size, context)
+
+            def one_prefill():
+                engine.add_request("p", prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+                while engine.has_unfinished_requests():
+                    engine.step()
+
+            t = timed(one_prefill, repeats)
+            prefill, decode = pair.split("/")
+            rows.append(Row("prefill", "mixquant", prefill, decode, context, 1, context / t, t,
+                            tflops=prefill_flops(engine.hf_config, context) / t / 1e12, notes=dict(notes)))
+            print(_line(rows[-1]), flush=True)
+        _free(engine)
+        del engine
+    if compare_transformers:
+        rows += bench_transformers_prefill(model, contexts, repeats, hf_overrides)
+    _set_ratios(rows, "prefill")
+    return rows
+
+
+def bench_transformers_prefill(model: str, contexts: list[int], repeats: int, hf_overrides: dict | None) -> list[Row]:
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(Path(model), hf_overrides)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    rows = []
+    for context in contexts:
+        ids = torch.tensor([_random_prompt(context, config.vocab_size, context)], device=hf.device)
+        with torch.inference_mode():
+            t = timed(lambda: hf(ids, logits_to_keep=1), repeats)
+        rows.append(Row("prefill", "transformers", "bf16", "bf16", context, 1, context / t, t,
+                        tflops=prefill_flops(config, context) / t / 1e12))
+        print(_line(rows[-1]), flush=True)
+    _free(hf)
+    return rows
+
+
+def bench_decode(model: str, pairs: list[str], batches: list[int], context: int, steps: int,
+                 hf_overrides: dict | None, eager: bool = False) -> list[Row]:
+    rows: list[Row] = []
+    for pair in pairs:
+        engine = _engine(model, pair, context + steps + 64, 16384, max(batches), hf_overrides, eager=eager)
+        notes = memory_notes(engine)
+        weight_bytes = _decode_weight_bytes(engine)
+        kv_per_token = engine.runner.kv_bytes_per_block() / engine.config.block_size
+        for batch in batches:
+            for i in range(batch):
+                engine.add_request(f"d{i}", _random_prompt(context, engine.hf_config.vocab_size, i),
+                                   SamplingParams(max_tokens=steps * 4 + 8, ignore_eos=True))
+            while any(seq.num_output_tokens == 0 for seq in engine.scheduler.running + list(engine.scheduler.waiting)):
+                engine.step()
+            t = timed(engine.step, steps, warmup=2)
+            for i in range(batch):
+                engine.abort_request(f"d{i}")
+            prefill, decode = pair.split("/")
+            bytes_per_step = weight_bytes + batch * (context + steps) * kv_per_token
+            rows.append(Row("decode", "mixquant", prefill, decode, context, batch, batch / t, t,
+                            gbps=bytes_per_step / t / 1e9,
+                            notes={**notes, "cuda_graphs": bool(engine.runner.graphs)}))
+            print(_line(rows[-1]), flush=True)
+        _free(engine)
+        del engine
+    _set_ratios(rows, "decode")
+    return rows
+
+
+def _decode_weight_bytes(engine: LLMEngine) -> int:
+    """Bytes a decode step streams: every decode-phase linear weight (and scales) plus the head."""
+    total = engine.runner.model.lm_head.weight.numel() * engine.runner.model.lm_head.weight.element_size()
+    for layer in engine.runner.model.linear_layers():
+        m = layer.decode_method
+        tensors = [getattr(m, name) for name in ("weight", "qweight", "weight_scale", "packed", "block_scale")
+                   if isinstance(getattr(m, name, None), torch.Tensor)]
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def _set_ratios(rows: list[Row], kind: str):
+    """Each row against the mixquant bf16/bf16 row of the same context and batch (transformers: the same)."""
+    base = {(r.context, r.batch): r for r in rows if r.engine == "mixquant" and r.kind == kind
+            and r.prefill_precision == "bf16" and r.decode_precision == "bf16"}
+    for r in rows:
+        ref = base.get((r.context, r.batch))
+        r.ratio_to_baseline = round(r.tokens_per_s / ref.tokens_per_s, 3) if ref else None
+
+
+def _line(r: Row) -> str:
+    rate = f"{r.tflops:7.1f} TFLOP/s" if r.tflops is not None else f"{r.gbps:7.0f} GB/s"
+    return (f"{r.kind:8} {r.engine:12} {r.prefill_precision + '/' + r.decode_precision:12} ctx {r.context:7d} "
+            f"batch {r.batch:4d} {r.tokens_per_s:11.1f} tok/s  {rate}")
+

@@ -1,0 +1,42 @@
+"""Model shapes to benchmark with random weights: real layer shapes, no checkpoint download."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+SHAPES = {
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096,
+                     intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                     rope_theta=1000000.0, tie_word_embeddings=False, torch_dtype="bfloat16"),
+}
+YARN_128K = {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+             "max_position_embeddings": 131072}
+
+
+def shape_dir(name: str) -> Path:
+    """A folder holding only config.json for the named shape (engines load it with load_format='dummy')."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
+    path = Path(tempfile.gettempdir()) / f"mixquant-shape-{name}"
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps(SHAPES[name], indent=2))
+    return path
+
+
+def linear_params(config) -> int:
+    """Weights a token's linear layers multiply by (all decoder linears plus lm_head)."""
+    h, i = config.hidden_size, config.intermediate_size
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or h // heads
+    per_layer = h * (heads + 2 * kv) * d + heads * d * h + 3 * h * i
+    return per_layer * config.num_hidden_layers
+
+
+def prefill_flops(config, tokens: int) -> float:
+    """Linear layers for every token, the head for the last one, and causal attention (QK^T and PV)."""
+    heads = config.num_attention_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // heads
+    attention = 2 * 2 * heads * d * tokens * (tokens + 1) / 2 * config.num_hidden_layers
+    return 2 * linear_params(config) * tokens + 2 * config.hidden_size * config.vocab_size + attention

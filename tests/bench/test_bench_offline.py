@@ -1,0 +1,36 @@
+"""`mixquant bench prefill|decode` end to end on the CPU with a tiny model: rows, ratios, JSON and plot."""
+from __future__ import annotations
+
+import json
+
+from mixquant.bench.shapes import SHAPES, linear_params, prefill_flops
+from mixquant.cli import main
+
+
+def test_prefill_and_decode_commands(tiny_qwen3, tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "prefill", "--model", str(tiny_qwen3), "--pairs", "bf16/bf16,fp8/bf16", "--contexts",
+                 "32,64", "--repeats", "1", "--output-dir", str(out)]) == 0
+    assert main(["bench", "decode", "--model", str(tiny_qwen3), "--pairs", "bf16/bf16,nvfp4/nvfp4", "--batches",
+                 "1,3", "--context", "16", "--steps", "2", "--output-dir", str(out)]) == 0
+    prefill = json.loads((out / "prefill.json").read_text())["rows"]
+    decode = json.loads((out / "decode.json").read_text())["rows"]
+    assert [(r["prefill_precision"], r["context"]) for r in prefill] == [("bf16", 32), ("bf16", 64), ("fp8", 32),
+                                                                          ("fp8", 64)]
+    assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 for r in prefill)
+    assert [r["ratio_to_baseline"] for r in prefill if r["prefill_precision"] == "bf16"] == [1.0, 1.0]
+    assert {(r["decode_precision"], r["batch"]) for r in decode} == {("bf16", 1), ("bf16", 3), ("nvfp4", 1),
+                                                                     ("nvfp4", 3)}
+    assert all(r["gbps"] > 0 and r["notes"]["kv_cache_tokens"] > 0 for r in decode)
+    assert (out / "prefill.png").stat().st_size > 0 and (out / "decode.png").stat().st_size > 0
+
+
+def test_flop_count_of_the_qwen3_8b_shape():
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(**{k: v for k, v in SHAPES["qwen3-8b"].items() if k not in ("architectures", "model_type")})
+    # 36 layers of q/k/v/o (4096x6144 + 4096x4096) and MLP (3 x 4096x12288): 6.95e9 weights, as the paper's model
+    assert linear_params(config) == 36 * (4096 * 6144 + 4096 * 4096 + 3 * 4096 * 12288)
+    tokens = 8192
+    attention = 4 * 32 * 128 * tokens * (tokens + 1) / 2 * 36
+    assert prefill_flops(config, tokens) == 2 * linear_params(config) * tokens + 2 * 4096 * 151936 + attention
