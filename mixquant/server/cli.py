@@ -1,0 +1,136 @@
+"""`mixquant serve MODEL`: the OpenAI-compatible server, with `vllm serve`'s flag names where they mean the same."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+from mixquant.config import PRECISIONS
+from mixquant.server.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def register(subparsers):
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (like `vllm serve`)",
+                              description=__doc__)
+    p.add_argument("model", nargs="?", help="checkpoint folder or Hugging Face id")
+
+    http = p.add_argument_group("server")
+    http.add_argument("--host", default="127.0.0.1", help="address to bind (default: local connections only)")
+    http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                      help="names clients may use for the model (default: MODEL as given)")
+    http.add_argument("--api-key", default=os.environ.get("MIXQUANT_API_KEY"),
+                      help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MIXQUANT_API_KEY)")
+    http.add_argument("--chat-template", help="Jinja chat template, as a file or inline, replacing the tokenizer's")
+    http.add_argument("--default-chat-template-kwargs", type=json_object, default={}, metavar="JSON",
+                      help='chat template arguments requests start from, e.g. \'{"enable_thinking": false}\'')
+    http.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS),
+                      help="split <think> reasoning into the message's `reasoning` field")
+    http.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS),
+                      help="format of the tool calls the model writes")
+    http.add_argument("--enable-auto-tool-choice", action="store_true",
+                      help='parse tool calls from the output for tool_choice "auto" (needs --tool-call-parser)')
+    http.add_argument("--generation-config", default="auto", metavar="auto|none|FOLDER",
+                      help="sampling defaults: the model's generation_config.json (auto), none, or another folder's; "
+                           "fields a request sets win")
+    http.add_argument("--max-logprobs", type=int, default=20, help="most logprobs/top_logprobs a request may ask")
+    http.add_argument("--max-pending-requests", type=int, default=1024,
+                      help="requests held at once (running or queued); more are answered 503")
+    http.add_argument("--max-request-bytes", type=int, default=32 << 20, help="largest request body accepted")
+    http.add_argument("--shutdown-timeout", type=float, default=30.0,
+                      help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
+    http.add_argument("--uvicorn-log-level", default="info",
+                      choices=["critical", "error", "warning", "info", "debug", "trace"])
+
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--tokenizer", help="tokenizer folder or id (default: the model's)")
+    engine.add_argument("--prefill-model", help="pre-quantized compressed-tensors checkpoint for the prefill phase")
+    engine.add_argument("--prefill-precision", default="auto", choices=["auto", *PRECISIONS],
+                        help="precision of prompt tokens (auto: nvfp4 on Blackwell, fp8 on Ada/Hopper, else bf16)")
+    engine.add_argument("--decode-precision", default="bf16", choices=PRECISIONS,
+                        help="precision of generated tokens")
+    engine.add_argument("--dtype", default="auto")
+    engine.add_argument("--device", default="auto")
+    engine.add_argument("--max-model-len", type=int)
+    engine.add_argument("--hf-overrides", type=json_object, metavar="JSON",
+                        help="merged into the model's config.json, e.g. a rope_scaling")
+    engine.add_argument("--max-num-seqs", type=int, default=256)
+    engine.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    engine.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=serve)
+
+
+def serve(args) -> int:
+    from mixquant.server.config import load_chat_template
+
+    if args.model is None:
+        print("mixquant serve: pass the model to serve, a checkpoint folder or a Hugging Face id "
+              "(e.g. `mixquant serve Qwen/Qwen3-0.6B`); there is no bundled default model yet", file=sys.stderr)
+        return 2
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        print("mixquant serve: --enable-auto-tool-choice needs --tool-call-parser", file=sys.stderr)
+        return 2
+    try:
+        chat_template = load_chat_template(args.chat_template)
+        return run_server(args, chat_template)
+    except ValueError as e:  # bad model, flags that contradict each other, ...: the message says which
+        print(f"mixquant serve: {e}", file=sys.stderr)
+        return 2
+
+
+def run_server(args, chat_template: str | None) -> int:
+    import uvicorn
+
+    from mixquant.config import EngineConfig
+    from mixquant.engine.llm_engine import LLMEngine
+    from mixquant.server.app import build_app
+    from mixquant.server.config import ServerConfig, load_generation_defaults
+
+    engine = LLMEngine(EngineConfig(
+        model=args.model, tokenizer=args.tokenizer, prefill_model=args.prefill_model,
+        prefill_precision=args.prefill_precision, decode_precision=args.decode_precision, dtype=args.dtype,
+        device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching, hf_overrides=args.hf_overrides, seed=args.seed))
+    config = ServerConfig(
+        served_model_names=args.served_model_name or [args.model], model_path=str(engine.model_path),
+        api_key=args.api_key, chat_template=chat_template,
+        default_chat_template_kwargs=args.default_chat_template_kwargs, reasoning_parser=args.reasoning_parser,
+        tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
+        generation_defaults=load_generation_defaults(args.generation_config, engine.generation_defaults),
+        max_logprobs=args.max_logprobs, max_pending_requests=args.max_pending_requests,
+        max_request_bytes=args.max_request_bytes)
+    print(startup_line(engine, config, args.host, args.port), flush=True)
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, config), host=args.host, port=args.port,
+                                           log_level=args.uvicorn_log_level,
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the handler that was
+    # installed before it. Leaving a no-op one there makes that graceful shutdown end with exit code 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    return 0
+
+
+def startup_line(engine, config, host: str, port: int) -> str:
+    precisions = engine.config.describe_precisions()
+    nvfp4 = f"NVFP4 {precisions['nvfp4']}" if precisions["nvfp4"] else "NVFP4 unused"
+    names = ", ".join(config.served_model_names)
+    return (f"mixquant serve: {names} ({config.model_path}) | prefill {precisions['prefill_precision']} "
+            f"({precisions['prefill_kernels']}) | decode {precisions['decode_precision']} "
+            f"({precisions['decode_kernels']}) | {nvfp4} | KV cache {engine.kv_cache_tokens():,} tokens | "
+            f"max_model_len {engine.max_model_len} | http://{host}:{port}/v1")

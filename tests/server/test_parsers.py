@@ -1,0 +1,143 @@
+"""The qwen3 reasoning parser and the hermes / named-function tool parsers on scripted model outputs.
+
+Each case is parsed whole (non-streamed) and as a stream: cut at every character and at the real tokenizer's token
+boundaries, with the deltas the server would send put back together. Both must give the same message.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from mixquant.server.chat import message_delta
+from mixquant.server.parsers import (
+    ChatOutputParser,
+    HermesToolParser,
+    NamedFunctionParser,
+    ParsedOutput,
+    ParsedToolCall,
+    Qwen3ReasoningParser,
+)
+from tests.conftest import tokenizer_files
+
+WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+TIME_CALL = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+WEATHER = ParsedToolCall("get_weather", json.dumps({"city": "Paris", "unit": "celsius"}))
+TIME = ParsedToolCall("get_time", json.dumps({"zone": "CET"}))
+MALFORMED_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(tokenizer_files()))
+
+
+def streamed(parser: ChatOutputParser, text: str, cuts: list[int]) -> ParsedOutput:
+    """The message a client assembles from the server's deltas when the text arrives cut at `cuts`."""
+    reasoning, content, calls = "", "", []
+    sent = ParsedOutput()
+    for end in [*cuts, len(text)]:
+        parsed = parser.parse(text[:end], final=end == len(text))
+        delta = message_delta(sent, parsed)
+        if delta is not None:
+            assert delta.reasoning == delta.reasoning_content
+            reasoning += delta.reasoning or ""
+            content += delta.content or ""
+            for call in delta.tool_calls or []:
+                assert call.index == len(calls)
+                calls.append(ParsedToolCall(call.function.name, call.function.arguments))
+        sent = parsed
+    return ParsedOutput(reasoning, content, calls)
+
+
+def check(parser: ChatOutputParser, text: str, expected: ParsedOutput, tokenizer):
+    assert parser.parse(text, final=True) == expected
+    assert streamed(parser, text, list(range(len(text)))) == expected
+    token_ends, position = [], 0
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        position += len(tokenizer.decode([token]))
+        token_ends.append(position)
+    assert streamed(parser, text, token_ends) == expected
+
+
+REASONING = ChatOutputParser(Qwen3ReasoningParser())
+HERMES = ChatOutputParser(tools=HermesToolParser())
+BOTH = ChatOutputParser(Qwen3ReasoningParser(), HermesToolParser())
+
+CASES = {
+    "reasoning then answer": (
+        REASONING, "<think>\nTwo plus two.\n</think>\n\nThe answer is 4.",
+        ParsedOutput("\nTwo plus two.\n", "\n\nThe answer is 4.")),
+    "think tag from the prompt": (
+        REASONING, "Two plus two.\n</think>\n\n4", ParsedOutput("Two plus two.\n", "\n\n4")),
+    "unterminated reasoning is all reasoning": (
+        REASONING, "<think>\nStill thinking about </thi", ParsedOutput("\nStill thinking about </thi", "")),
+    "thinking off: everything is content": (
+        ChatOutputParser(Qwen3ReasoningParser(thinking_enabled=False)), "No <think> here</think>, just text",
+        ParsedOutput("", "No <think> here</think>, just text")),
+    "text that only looks like tags": (
+        BOTH, "<think>a < b</think>x <tool is <not> a <tool_call",
+        ParsedOutput("a < b", "x <tool is <not> a <tool_call")),
+    "hermes call after text": (
+        HERMES, f"Let me check.\n{WEATHER_CALL}", ParsedOutput("", "Let me check.\n", [WEATHER])),
+    "two hermes calls": (
+        HERMES, f"{WEATHER_CALL}\n{TIME_CALL}", ParsedOutput("", "", [WEATHER, TIME])),
+    "malformed call stays content": (
+        HERMES, f"Checking. {MALFORMED_CALL}", ParsedOutput("", f"Checking. {MALFORMED_CALL}")),
+    "malformed beside a valid call": (
+        HERMES, f"{MALFORMED_CALL}\n{TIME_CALL} done", ParsedOutput("", f"{MALFORMED_CALL}\n done", [TIME])),
+    "unterminated valid call counts at the end": (
+        HERMES, '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}',
+        ParsedOutput("", "", [TIME])),
+    "unterminated malformed call stays content": (
+        HERMES, 'Sure <tool_call>\n{"name": "get_time", "argu',
+        ParsedOutput("", 'Sure <tool_call>\n{"name": "get_time", "argu')),
+    "arguments encoded twice, or missing": (
+        HERMES, ('<tool_call>{"name": "get_time", "arguments": "{\\"zone\\": \\"CET\\"}"}</tool_call>'
+                 '<tool_call>{"name": "now"}</tool_call>'),
+        ParsedOutput("", "", [TIME, ParsedToolCall("now", "{}")])),
+    "arguments that are not an object": (
+        HERMES, '<tool_call>{"name": "f", "arguments": [1, 2]}</tool_call>',
+        ParsedOutput("", '<tool_call>{"name": "f", "arguments": [1, 2]}</tool_call>')),
+    "reasoning then a call": (
+        BOTH, f"<think>\nI need the weather.\n</think>\n\n{WEATHER_CALL}",
+        ParsedOutput("\nI need the weather.\n", "", [WEATHER])),
+    "calls inside reasoning are not calls": (
+        BOTH, f"<think>{WEATHER_CALL}</think>No call.", ParsedOutput(WEATHER_CALL, "No call.")),
+    "truncated while thinking, before any call": (
+        BOTH, f"<think>\nmaybe {WEATHER_CALL}", ParsedOutput(f"\nmaybe {WEATHER_CALL}", "")),
+    "named function: bare arguments": (
+        ChatOutputParser(tools=NamedFunctionParser("get_weather")), '{"city": "Paris", "unit": "celsius"}',
+        ParsedOutput("", "", [WEATHER])),
+    "named function: name and arguments": (
+        ChatOutputParser(tools=NamedFunctionParser("get_time")), '{"name": "get_time", "arguments": {"zone": "CET"}}',
+        ParsedOutput("", "", [TIME])),
+    "named function: arguments that have a name field": (
+        ChatOutputParser(tools=NamedFunctionParser("greet")), '{"name": "Ada"}',
+        ParsedOutput("", "", [ParsedToolCall("greet", '{"name": "Ada"}')])),
+    "named function: a hermes block": (
+        ChatOutputParser(tools=NamedFunctionParser("get_weather")), WEATHER_CALL, ParsedOutput("", "", [WEATHER])),
+    "named function: prose stays content": (
+        ChatOutputParser(Qwen3ReasoningParser(), NamedFunctionParser("get_weather")),
+        "<think>hm</think>I cannot call it.", ParsedOutput("hm", "I cannot call it.")),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_parsed_whole_and_streamed_alike(name, tokenizer):
+    parser, text, expected = CASES[name]
+    check(parser, text, expected, tokenizer)
+
+
+def test_partial_results_only_grow():
+    """What streaming relies on: a parse of a prefix is a prefix of the parse of anything longer."""
+    text = f"<think>\nplan</think>\n\nText {MALFORMED_CALL} more\n{WEATHER_CALL}\n \n{TIME_CALL}\n"
+    previous = ParsedOutput()
+    for end in range(len(text) + 1):
+        parsed = BOTH.parse(text[:end], final=False)
+        assert parsed.reasoning.startswith(previous.reasoning)
+        assert parsed.content.startswith(previous.content)
+        assert parsed.tool_calls[:len(previous.tool_calls)] == previous.tool_calls
+        previous = parsed
+    assert BOTH.parse(text, final=True).content.startswith(previous.content)
