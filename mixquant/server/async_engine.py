@@ -210,12 +210,12 @@ class AsyncEngine:
                         self._stop(EngineDeadError("the server is shutting down"))
                         return
                     self._apply(command)
-                if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
-                    now = time.monotonic()
-                    self.stats = self.engine.stats()
-                    if outputs:
-                        self._loop.call_soon_threadsafe(self._dispatch, outputs, now)
+                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                now = time.monotonic()
+                # refreshed before the outputs go out, so a client that scrapes /metrics after its answer sees it
+                self.stats = self.engine.stats()
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs, now)
         except Exception as e:  # anything escaping a step leaves the engine in an unknown state: stop serving
             logger.exception("the engine failed; the server answers 503 from now on")
             self._stop(EngineDeadError(f"the engine failed: {type(e).__name__}: {e}"))
@@ -246,7 +246,6 @@ class AsyncEngine:
                     raise
             else:
                 command.accepted.set_result(None)
-        self.stats = self.engine.stats()
 
     def _stop(self, reason: EngineDeadError):
         self._stopped_because = reason

@@ -18,7 +18,6 @@ from mixquant.server.parsers import (
     ChatOutputParser,
     NamedFunctionParser,
     ParsedOutput,
-    ParsedToolCall,
 )
 from mixquant.server.protocol import (
     AssistantMessage,
@@ -101,6 +100,16 @@ def new_tool_call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
 
+def response_message(parsed: ParsedOutput) -> ResponseMessage:
+    """Content is null when the answer is all reasoning or tool calls (as vLLM sends it), "" only if nothing came."""
+    reasoning = parsed.reasoning or None
+    content = parsed.content or (None if reasoning or parsed.tool_calls else "")
+    calls = [ResponseToolCall(id=new_tool_call_id(), function=ResponseFunctionCall(name=call.name,
+                                                                                   arguments=call.arguments))
+             for call in parsed.tool_calls]
+    return ResponseMessage(content=content, reasoning=reasoning, reasoning_content=reasoning, tool_calls=calls)
+
+
 def message_delta(before: ParsedOutput, after: ParsedOutput) -> DeltaMessage | None:
     """What `after` adds to `before` (the parsers guarantee it only extends it); None if nothing."""
     reasoning = after.reasoning[len(before.reasoning):]
@@ -161,7 +170,7 @@ class ChatEndpoint:
         for completion in output.outputs:
             parsed = parser.parse(completion.text, final=True)
             choices.append(ChatChoice(
-                index=completion.index, message=self._message(parsed),
+                index=completion.index, message=response_message(parsed),
                 logprobs=chat_logprobs(completion, 0, num_top) if num_top is not None else None,
                 finish_reason=self._finish_reason(tool_choice, parsed, completion),
                 stop_reason=completion.stop_reason))
@@ -198,18 +207,6 @@ class ChatEndpoint:
             # format the templates we know ask for, so it is the fallback.
             tools = TOOL_CALL_PARSERS[config.tool_call_parser or "hermes"]()
         return ChatOutputParser(reasoning, tools)
-
-    @staticmethod
-    def _message(parsed: ParsedOutput) -> ResponseMessage:
-        reasoning = parsed.reasoning or None
-        content = parsed.content or (None if reasoning or parsed.tool_calls else "")
-        return ResponseMessage(content=content, reasoning=reasoning, reasoning_content=reasoning,
-                               tool_calls=[ChatEndpoint._tool_call(call) for call in parsed.tool_calls])
-
-    @staticmethod
-    def _tool_call(call: ParsedToolCall) -> ResponseToolCall:
-        return ResponseToolCall(id=new_tool_call_id(),
-                                function=ResponseFunctionCall(name=call.name, arguments=call.arguments))
 
     @staticmethod
     def _finish_reason(tool_choice: ToolChoice, parsed: ParsedOutput, completion: CompletionOutput) -> str | None:

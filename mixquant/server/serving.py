@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
+from mixquant.engine.llm_engine import GENERATION_DEFAULT_KEYS
 from mixquant.outputs import RequestOutput
 from mixquant.sampling_params import SamplingParams
 from mixquant.server.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestGroup
@@ -20,8 +21,6 @@ from mixquant.server.config import ServerConfig
 from mixquant.server.errors import APIError, ClientDisconnected, bad_request, error_body
 from mixquant.server.protocol import SamplingRequest, Usage
 
-# Request fields that fall back to the server's generation defaults when a request leaves them out.
-DEFAULTABLE_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 SSE_DONE = "data: [DONE]\n\n"
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM sends this floor instead
 
@@ -64,8 +63,9 @@ class ServingContext:
                         prompt_logprobs: int | None = None) -> SamplingParams:
         if request.logit_bias:
             raise bad_request("logit_bias is not supported by this server", "logit_bias")
+        # generation_config.json's keys are also the request's field names; what the request sets wins
         values = dict(self.config.generation_defaults)
-        values.update({name: getattr(request, name) for name in DEFAULTABLE_FIELDS
+        values.update({name: getattr(request, name) for name in GENERATION_DEFAULT_KEYS
                        if getattr(request, name) is not None})
         try:
             return SamplingParams(
