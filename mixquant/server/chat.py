@@ -230,22 +230,25 @@ class ChatEndpoint:
             yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
         sent = [ParsedOutput() for _ in range(request.n)]
         tokens_sent = [0] * request.n
+        done = [False] * request.n  # choices that finish early keep coming in the request's later outputs
         final = None
         with abort_on_disconnect(http_request, group):
             async for _, output in group:
                 final = output
                 for completion in output.outputs:
                     index = completion.index
-                    finished = completion.finish_reason is not None
-                    parsed = parser.parse(completion.text, final=finished)
+                    if done[index]:
+                        continue
+                    done[index] = completion.finish_reason is not None
+                    parsed = parser.parse(completion.text, final=done[index])
                     delta = message_delta(sent[index], parsed)
                     new_tokens = len(completion.token_ids) > tokens_sent[index]
-                    if delta is None and not finished and not (num_top is not None and new_tokens):
+                    if delta is None and not done[index] and not (num_top is not None and new_tokens):
                         continue
                     logprobs = chat_logprobs(completion, tokens_sent[index], num_top) if num_top is not None else None
                     yield chunk([ChatStreamChoice(
                         index=index, delta=delta or DeltaMessage(), logprobs=logprobs,
-                        finish_reason=self._finish_reason(tool_choice, parsed, completion) if finished else None,
+                        finish_reason=self._finish_reason(tool_choice, parsed, completion) if done[index] else None,
                         stop_reason=completion.stop_reason)])
                     sent[index], tokens_sent[index] = parsed, len(completion.token_ids)
         if request.include_usage_in_stream and not group.aborted:

@@ -46,7 +46,7 @@ def register(subparsers):
                       help="sampling defaults: the model's generation_config.json (auto), none, or another folder's; "
                            "fields a request sets win")
     http.add_argument("--max-logprobs", type=int, default=20, help="most logprobs/top_logprobs a request may ask")
-    http.add_argument("--max-pending-requests", type=int, default=1024,
+    http.add_argument("--max-pending-requests", type=int, default=8192,
                       help="requests held at once (running or queued); more are answered 503")
     http.add_argument("--max-request-bytes", type=int, default=32 << 20, help="largest request body accepted")
     http.add_argument("--shutdown-timeout", type=float, default=30.0,

@@ -78,6 +78,7 @@ class ChoiceProgress:
     chars: int = 0
     tokens: int = 0
     started: bool = False
+    finished: bool = False  # a choice that finishes early keeps coming in its request's later outputs
     logprobs: LogprobsBuilder = field(default_factory=LogprobsBuilder)
 
 
@@ -138,6 +139,8 @@ class CompletionsEndpoint:
                 for completion in output.outputs:
                     index = prompt_index * request.n + completion.index
                     state = progress.setdefault(index, ChoiceProgress())
+                    if state.finished:
+                        continue
                     text = completion.text[state.chars:]
                     new_tokens = len(completion.token_ids) - state.tokens
                     if not text and not new_tokens and completion.finish_reason is None:
@@ -152,6 +155,7 @@ class CompletionsEndpoint:
                                               logprobs=logprobs, finish_reason=completion.finish_reason,
                                               stop_reason=completion.stop_reason)
                     state.chars, state.tokens, state.started = len(completion.text), len(completion.token_ids), True
+                    state.finished = completion.finish_reason is not None
                     yield sse(CompletionResponse(id=response_id, created=created, model=model, choices=[choice]))
         if request.include_usage_in_stream and not group.aborted:
             usage = usage_of([finals[i] for i in range(len(finals))])

@@ -23,7 +23,7 @@ class ServerConfig:
     generation_defaults: dict = field(default_factory=dict)
     max_logprobs: int = 20
     # Requests the server holds at once (running or waiting for the engine); more are answered 503.
-    max_pending_requests: int = 1024
+    max_pending_requests: int = 8192  # high enough for benchmark clients that send everything at once
     max_request_bytes: int = 32 << 20
 
     def __post_init__(self):

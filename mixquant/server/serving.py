@@ -126,8 +126,9 @@ def abort_on_disconnect(request: Request, group: RequestGroup) -> Iterator[None]
         watcher.cancel()
 
 
-def sse(payload: BaseModel, exclude_none: bool = True) -> str:
-    return f"data: {payload.model_dump_json(exclude_none=exclude_none)}\n\n"
+def sse(payload: BaseModel) -> str:
+    """One event; fields left unset (None) are left out, as OpenAI's streamed deltas carry only what changed."""
+    return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
 
 
 def event_stream(events: AsyncIterator[str]) -> StreamingResponse:

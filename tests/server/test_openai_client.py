@@ -206,3 +206,20 @@ def test_tokenizer_endpoints(http, server):
 def test_health_and_version(http):
     assert http.get("/health").status_code == 200
     assert http.get("/version").json()["version"]
+
+
+def test_choices_that_finish_at_different_times_stream_one_finish_each(client):
+    kwargs = dict(model=MODEL_NAME, max_tokens=40, temperature=1.0, n=3, seed=7, stop=" ")
+    counts = {}
+    for chunk in client.completions.create(prompt="Sample", stream=True, logprobs=0, **kwargs):
+        for choice in chunk.choices:
+            counts.setdefault(choice.index, [0, 0])
+            counts[choice.index][0] += len(choice.logprobs.tokens)
+            counts[choice.index][1] += choice.finish_reason is not None
+    assert [finishes for _, finishes in counts.values()] == [1, 1, 1]
+    assert len({tokens for tokens, _ in counts.values()}) > 1  # they did finish at different steps
+    chat_finishes = [0, 0, 0]
+    for chunk in client.chat.completions.create(messages=MESSAGES, stream=True, **kwargs):
+        for choice in chunk.choices:
+            chat_finishes[choice.index] += choice.finish_reason is not None
+    assert chat_finishes == [1, 1, 1]
