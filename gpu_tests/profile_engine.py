@@ -45,7 +45,8 @@ def profile_pair(path, pair: str, context: int):
 
     prefill, decode = pair.split("/")
     llm = LLM(str(path), load_format="dummy", prefill_precision=prefill, decode_precision=decode,
-              max_model_len=context + 64, max_num_batched_tokens=context, enable_prefix_caching=False)
+              max_model_len=context + 64, max_num_batched_tokens=context, enable_prefix_caching=False,
+              enforce_eager=True)
     engine = llm.engine
     ids = torch.randint(0, 150000, (context,)).tolist()
     for _ in range(2):  # warm-up
@@ -66,7 +67,7 @@ def profile_pair(path, pair: str, context: int):
         t2 = time.perf_counter()
     print(f"\n=== {pair} context {context}: prefill step {t1 - t0:.4f} s ({context / (t1 - t0):.0f} tok/s), "
           f"decode {(t2 - t1) / 8 * 1e3:.2f} ms/token")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
     del llm, engine
     gc.collect()
     torch.cuda.empty_cache()
@@ -93,15 +94,18 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", default="bf16/bf16,fp8/bf16")
     parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--quick", action="store_true", help="skip the attention variants and transformers")
     args = parser.parse_args()
     import tempfile
     from pathlib import Path
 
-    for n in (4096, 32768):
-        attention_variants(n)
+    if not args.quick:
+        for n in (4096, 32768):
+            attention_variants(n)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_config_dir(Path(tmp) / "q8b")
-        transformers_prefill(path, args.context)
+        if not args.quick:
+            transformers_prefill(path, args.context)
         for pair in args.pairs.split(","):
             profile_pair(path, pair, args.context)
 

@@ -61,7 +61,11 @@ class Linear(nn.Module):
             return self.decode_method(x)
         if split == x.shape[0]:
             return self.prefill_method(x)
-        return torch.cat([self.prefill_method(x[:split]), self.decode_method(x[split:])])
+        # each method writes its rows of one output: no concatenation pass
+        out = torch.empty(x.shape[0], sum(self.output_sizes), dtype=x.dtype, device=x.device)
+        self.prefill_method(x[:split], out=out[:split])
+        self.decode_method(x[split:], out=out[split:])
+        return out
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, out={self.output_sizes}, prefill={self.prefill_method}, "

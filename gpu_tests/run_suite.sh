@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole GPU suite in one device call: correctness first, then every timing, all into one folder.
+#   bash gpu_tests/run_suite.sh OUT_DIR [quick]
+# Needs the Qwen3 tokenizer copied to .carry/qwen3-tokenizer (../shared does not travel to the device).
+set -uo pipefail
+out=${1:?usage: run_suite.sh OUT_DIR}
+mode=${2:-full}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+status=0
+step() { echo "=== $*"; "$@" || status=1; }
+
+step python3 gpu_tests/check_kernels.py
+step python3 gpu_tests/check_engine.py --out "$out"
+if [ "$mode" = quick ]; then
+  contexts=2048,8192; batches=1,32
+else
+  contexts=2048,4096,8192,32768; batches=1,8,32,128
+fi
+step python3 -m mixquant.cli bench prefill --pairs bf16/bf16,fp8/bf16,nvfp4/bf16 --contexts $contexts \
+  --compare transformers --repeats 3 --output-dir "$out/prefill"
+[ "$mode" = quick ] || step python3 -m mixquant.cli bench prefill --yarn --pairs bf16/bf16,fp8/bf16 \
+  --contexts 131072 --repeats 2 --output-dir "$out/prefill-128k"
+step python3 -m mixquant.cli bench decode --pairs bf16/bf16,fp8/bf16,nvfp4/bf16 --batches $batches \
+  --context 2048 --output-dir "$out/decode"
+exit $status
