@@ -248,14 +248,15 @@ class AsyncEngine:
                 command.accepted.set_result(None)
 
     def _stop(self, reason: EngineDeadError):
+        """Refuses what is queued and tells every waiting request, then frees the KV blocks of what was running."""
         self._stopped_because = reason
         for command in self._next_commands(wait=False):
             if isinstance(command, _AddRequests):
                 command.accepted.set_exception(reason)
-        for request_id in list(self.engine.requests):
-            self.engine.abort_request(request_id)
-        self.stats = self.engine.stats()
         try:
             self._loop.call_soon_threadsafe(self._fail_all, reason)
         except RuntimeError:  # the event loop is already closed: nobody is left to tell
             pass
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+        self.stats = self.engine.stats()

@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from mixquant.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from mixquant.server.async_engine import RequestGroup
 from mixquant.server.errors import bad_request
 from mixquant.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from mixquant.server.serving import (
@@ -128,8 +129,8 @@ class CompletionsEndpoint:
         positions = list(zip(output.prompt_token_ids, prompt_logprobs)) if echo else []
         return positions + list(zip(completion.token_ids[start:], (completion.logprobs or [])[start:]))
 
-    async def _stream(self, request: CompletionRequest, http_request: Request, group, prompts: list[CompletionPrompt],
-                      response_id: str, model: str) -> AsyncIterator[str]:
+    async def _stream(self, request: CompletionRequest, http_request: Request, group: RequestGroup,
+                      prompts: list[CompletionPrompt], response_id: str, model: str) -> AsyncIterator[str]:
         created = int(time.time())
         progress: dict[int, ChoiceProgress] = {}
         finals: dict[int, RequestOutput] = {}
@@ -145,14 +146,14 @@ class CompletionsEndpoint:
                     new_tokens = len(completion.token_ids) - state.tokens
                     if not text and not new_tokens and completion.finish_reason is None:
                         continue  # e.g. a prefill step: nothing to tell yet
-                    echo = request.echo and not state.started
+                    echo = request.echo and not state.started  # the prompt goes out with the first piece
                     logprobs = None
                     if request.logprobs is not None:
                         positions = self._positions(output, completion, state.tokens, echo)
                         logprobs = state.logprobs.add(positions, self.ctx.tokenizer)
-                    choice = CompletionChoice(index=index, text=(self._echo_text(prompts[prompt_index]) if echo
-                                                                 else "") + text,
-                                              logprobs=logprobs, finish_reason=completion.finish_reason,
+                    prefix = self._echo_text(prompts[prompt_index]) if echo else ""
+                    choice = CompletionChoice(index=index, text=prefix + text, logprobs=logprobs,
+                                              finish_reason=completion.finish_reason,
                                               stop_reason=completion.stop_reason)
                     state.chars, state.tokens, state.started = len(completion.text), len(completion.token_ids), True
                     state.finished = completion.finish_reason is not None
