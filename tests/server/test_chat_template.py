@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.server.conftest import MODEL_NAME
 
 TOOLS = [{"type": "function", "function": {
@@ -66,3 +68,22 @@ def test_reasoning_sent_back_reaches_the_template(http):
                 {"role": "assistant", "content": "4", "reasoning": "Two and two."}]
     prompt = rendered(http, messages=messages, add_generation_prompt=False)
     assert "<think>\nTwo and two.\n</think>\n\n4" in prompt
+
+
+def test_chat_template_flag_replaces_the_tokenizers(server, tmp_path):
+    from mixquant.server.chat import render_chat
+    from mixquant.server.config import ServerConfig, load_chat_template
+    from mixquant.server.protocol import ChatCompletionRequest
+    from mixquant.server.serving import ServingContext
+
+    template = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+                "{% if add_generation_prompt %}>{% endif %}")
+    (tmp_path / "plain.jinja").write_text(template)
+    assert load_chat_template(str(tmp_path / "plain.jinja")) == load_chat_template(template) == template
+    with pytest.raises(ValueError, match="not a file"):
+        load_chat_template(str(tmp_path / "missing.jinja"))
+    config = ServerConfig(served_model_names=["m"], model_path=str(tmp_path), chat_template=template)
+    ctx = ServingContext(engine=None, config=config, tokenizer=server.engine.tokenizer, max_model_len=1024)
+    messages = ChatCompletionRequest(messages=[{"role": "developer", "content": "Be brief."},
+                                               {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]).messages
+    assert render_chat(ctx, messages, None, {}, add_generation_prompt=True) == "[system]Be brief.[user]Hi>"
