@@ -168,14 +168,15 @@ class LLMEngine:
         seq.token_ids.append(token)
         seq.first_token_time = seq.first_token_time or now
         self.num_generation_tokens += 1
-        if seq.num_output_tokens == 1:
+        if seq.num_output_tokens == 1 and seq.index == 0:  # a request's prompt counts once, whatever its n
             self.num_prompt_tokens += seq.num_prompt_tokens
         if seq.logprobs is not None:
             seq.cumulative_logprob += result.logprobs[row]
             seq.logprobs.append(self._logprob_entry(token, result.logprobs[row], result.ranks[row],
                                                     result.top_ids[row], result.top_logprobs[row]))
-        new_text = self._detokenize(seq)
-        self._check_stop(seq, token, new_text)
+        self._check_stop_token(seq, token)
+        if seq.finish_reason is None:  # a stopping token's own text is left out, as vLLM does
+            self._check_stop_text(seq, self._detokenize(seq))
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
 
@@ -204,14 +205,18 @@ class LLMEngine:
             return new_text
         return ""
 
-    def _check_stop(self, seq: Sequence, token: int, new_text: str):
+    def _check_stop_token(self, seq: Sequence, token: int):
         p = seq.params
-        can_stop = seq.num_output_tokens >= p.min_tokens
-        if can_stop and not p.ignore_eos and token in self.eos_token_ids:
+        if seq.num_output_tokens < p.min_tokens:
+            return
+        if not p.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
-        elif can_stop and token in p.stop_token_ids:
+        elif token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
-        elif can_stop and p.stop_strings and new_text:
+
+    def _check_stop_text(self, seq: Sequence, new_text: str):
+        p = seq.params
+        if p.stop_strings and new_text and seq.num_output_tokens >= p.min_tokens:
             self._check_stop_strings(seq, new_text)
         if seq.finish_reason is None and p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             seq.finish_reason = "length"

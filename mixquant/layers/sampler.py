@@ -63,7 +63,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[set[int]],
     chosen = logits.argmax(dim=-1)
     if not bool(greedy.all()):
         temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=logits.device)[:, None]
-        probs = _filter(torch.softmax(logits / temps, dim=-1), seqs)
+        probs = torch.softmax(logits / temps, dim=-1)
+        if any(s.params.top_k or s.params.top_p < 1 or s.params.min_p > 0 for s in seqs):
+            probs = _filter(probs, seqs)
         # exponential race: argmax(p / E) with E ~ Exp(1) draws from p; each seeded sequence draws its own noise
         noise = torch.empty_like(probs)
         for row, seq in enumerate(seqs):

@@ -62,6 +62,13 @@ def test_n_returns_n_distinct_samples(llm):
     assert all(len(c.token_ids) == 6 and c.finish_reason == "length" for c in out.outputs)
 
 
+def test_prompt_tokens_count_once_per_request(llm):
+    before = llm.engine.stats()["prompt_tokens"]
+    out = llm.generate("Count me once", SamplingParams(n=3, max_tokens=2, temperature=1.0, seed=0),
+                       use_tqdm=False)[0]
+    assert llm.engine.stats()["prompt_tokens"] - before == len(out.prompt_token_ids)
+
+
 def test_stop_string_truncates_and_can_be_kept(llm):
     full = _texts(llm, "Hello", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0][1]
     stop = full[3:6]
@@ -78,6 +85,7 @@ def test_stop_token_ids_and_min_tokens(llm):
     out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[tokens[2]]),
                        use_tqdm=False)[0].outputs[0]
     assert out.token_ids == tokens[:3] and out.stop_reason == tokens[2]
+    assert out.text == llm.get_tokenizer().decode(tokens[:2])  # the stopping token's text is left out
     held = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=10, min_tokens=6,
                                                 stop_token_ids=[tokens[2]]), use_tqdm=False)[0].outputs[0]
     assert len(held.token_ids) >= 6 and tokens[2] not in held.token_ids[:6]
