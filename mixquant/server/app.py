@@ -66,7 +66,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/version")
     async def version() -> dict:
-        return {"version": __version__}
+        return {"version": __version__, "mixquant": engine.config.describe_precisions()}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -75,7 +75,8 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=name, created=started, root=config.model_path,
-                                         max_model_len=engine.max_model_len)
+                                         max_model_len=engine.max_model_len,
+                                         mixquant=engine.config.describe_precisions())
                                for name in config.served_model_names])
 
     @app.post("/v1/completions")

@@ -365,6 +365,7 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None
     max_model_len: int
+    mixquant: dict | None = None  # the precisions this server runs (what `mixquant eval` records)
 
 
 class ModelList(BaseModel):
