@@ -71,6 +71,9 @@ def register(subparsers):
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     engine.add_argument("--seed", type=int, default=0)
+    engine.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                        help="dummy: random weights in the checkpoint's shapes (benchmarks)")
+    engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.set_defaults(func=serve)
 
 
@@ -105,7 +108,8 @@ def run_server(args, chat_template: str | None) -> int:
         prefill_precision=args.prefill_precision, decode_precision=args.decode_precision, dtype=args.dtype,
         device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=args.enable_prefix_caching, hf_overrides=args.hf_overrides, seed=args.seed))
+        enable_prefix_caching=args.enable_prefix_caching, hf_overrides=args.hf_overrides, seed=args.seed,
+        load_format=args.load_format, enforce_eager=args.enforce_eager))
     config = ServerConfig(
         served_model_names=args.served_model_name or [args.model], model_path=str(engine.model_path),
         api_key=args.api_key, chat_template=chat_template,
