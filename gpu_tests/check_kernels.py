@@ -1,0 +1,367 @@
+"""GPU check of mixquant.kernels on an H100 (run through the device tool; CI checks them under the interpreter).
+
+1. Correctness on fresh random data, outputs poisoned first:
+   - paged_decode_attention against a float64 gather-and-softmax reference on the Qwen3-8B attention shape
+     (32 query heads, 8 KV heads, head_dim 128, bf16) for B in {1, 8, 64} and contexts up to 32768, rows of mixed
+     lengths, padded tables pointing at NaN blocks and NaN in every slot past a row's length;
+   - one CUDA graph of it at B=8, replayed with new context_lens / block_tables contents, against eager;
+   - per_token_quant_fp8 bit-identical to fp8.quantize_rowwise (bytes and scales), plus zero, NaN, tiny and
+     huge rows and the chunked path for rows longer than 16384.
+2. Timings (triton.testing.do_bench medians of CUDA-graph replays, inputs rotated past L2): paged decode against
+   the SDPA-gather path it replaces (TorchAttentionBackend._decode) and a device-to-device copy;
+   per_token_quant_fp8 against eager quantize_rowwise; a small sweep of launch shapes for tuning.
+
+Usage: PYTHONPATH=. python3 gpu_tests/check_kernels.py   (writes $OUT/kernels.json when OUT is set; exit 1 on a
+failed check)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from mixquant.kernels.paged_attention import DecodeConfig, default_num_splits, paged_decode_attention
+from mixquant.kernels.quant import per_token_quant_fp8
+from mixquant.quantization.fp8 import quantize_rowwise
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # Qwen3-8B attention, the engine's block size
+SCALE = HEAD_DIM ** -0.5
+DEV = torch.device("cuda")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# ---- paged decode attention -----------------------------------------------------------------------------------
+
+
+def paged_inputs(lengths: list[int], seed: int, pad_blocks: int = 3, poison: bool = True):
+    """q, caches and int32 tables for rows of the given lengths; rows own shuffled, disjoint blocks.
+
+    With `poison`, every cache slot that no row's valid position maps to is NaN (the tail of each last block and
+    three spare blocks), and each table's padding points at the spare blocks.
+    """
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    needed = [math.ceil(n / BLOCK_SIZE) for n in lengths]
+    spare = 3
+    num_blocks = sum(needed) + spare
+    shape = (num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, generator=g, device=DEV, dtype=torch.bfloat16)
+    v_cache = torch.randn(shape, generator=g, device=DEV, dtype=torch.bfloat16)
+    order = torch.randperm(num_blocks, generator=g, device=DEV)
+    spare_ids = order[sum(needed):]
+    tables = spare_ids[torch.randint(0, spare, (len(lengths), max(needed) + pad_blocks), generator=g, device=DEV)]
+    valid_in_block = torch.zeros(num_blocks, dtype=torch.long, device=DEV)
+    first = 0
+    for b, (n, length) in enumerate(zip(needed, lengths)):
+        blocks = order[first:first + n]
+        tables[b, :n] = blocks
+        valid_in_block[blocks] = BLOCK_SIZE
+        valid_in_block[blocks[-1]] = length - (n - 1) * BLOCK_SIZE
+        first += n
+    if poison:
+        stale = torch.arange(BLOCK_SIZE, device=DEV)[None, :] >= valid_in_block[:, None]  # [num_blocks, block_size]
+        k_cache[stale] = float("nan")
+        v_cache[stale] = float("nan")
+    q = torch.randn(len(lengths), HEADS, HEAD_DIM, generator=g, device=DEV, dtype=torch.bfloat16)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
+    return q, k_cache, v_cache, tables.to(torch.int32), lens
+
+
+def sdpa_gather_decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
+    """The SDPA-gather decode path of TorchAttentionBackend._decode (commit 571fa72) that the kernel replaces,
+    copied so that the comparison outlives the wiring of the kernel into the backend."""
+    max_blocks = block_tables.shape[1]
+    k_ctx = k_cache[block_tables].flatten(1, 2).transpose(1, 2)  # [rows, kv_heads, max_len, dim]
+    v_ctx = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
+    positions = torch.arange(max_blocks * k_cache.shape[1], device=q.device)
+    mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k_ctx, v_ctx, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.squeeze(2)
+
+
+def reference(q, k_cache, v_cache, tables, lens) -> torch.Tensor:
+    """Float64 softmax attention of each row over its gathered positions, one row at a time (bounded memory)."""
+    group = HEADS // KV_HEADS
+    out = torch.empty(q.shape, dtype=torch.float64, device=DEV)
+    for b, length in enumerate(lens.tolist()):
+        blocks = tables[b, :math.ceil(length / BLOCK_SIZE)].long()
+        k = k_cache[blocks].flatten(0, 1)[:length].double()  # [length, kv_heads, dim]
+        v = v_cache[blocks].flatten(0, 1)[:length].double()
+        scores = torch.einsum("kgd,lkd->kgl", q[b].double().view(KV_HEADS, group, HEAD_DIM), k) * SCALE
+        out[b] = torch.einsum("kgl,lkd->kgd", scores.softmax(-1), v).reshape(HEADS, HEAD_DIM)
+    return out
+
+
+def mixed_lengths(batch: int, context: int, seed: int) -> list[int]:
+    """One row at the full context, the others anywhere in [1, context]."""
+    g = torch.Generator().manual_seed(seed)
+    return [context] + torch.randint(1, context + 1, (batch - 1,), generator=g).tolist()
+
+
+def check_attention(batches=(1, 8, 64), contexts=(1, 17, 1000, 8192, 32768)) -> list[dict]:
+    results = []
+    for batch in batches:
+        for context in contexts:
+            seed = batch * 100003 + context
+            q, k_cache, v_cache, tables, lens = paged_inputs(mixed_lengths(batch, context, seed), seed)
+            out = torch.full_like(q, float("nan"))
+            paged_decode_attention(q, k_cache, v_cache, tables, lens, SCALE, out)
+            err = rel_err(out, reference(q, k_cache, v_cache, tables, lens))
+            splits = default_num_splits(batch, KV_HEADS, tables.shape[1] * BLOCK_SIZE, DEV)
+            ok = bool(torch.isfinite(out).all()) and err < 1e-2
+            results.append(dict(batch=batch, context=context, splits=splits, rel_err=err, ok=ok))
+            print(f"attention B={batch:3} context={context:6} splits={splits:3} rel_err={err:.2e} "
+                  f"{'ok' if ok else 'FAIL'}", flush=True)
+            del q, k_cache, v_cache, tables, lens, out
+    return results
+
+
+def check_graph() -> dict:
+    """Capture at B=8 on length-1 rows, replay on new lengths and tables: the graph must track the contents."""
+    batch, context = 8, 4096
+    q, k_cache, v_cache, tables, lens = paged_inputs([context] * batch, seed=7, poison=False)
+    lens.fill_(1)
+    out = torch.empty_like(q)
+    paged_decode_attention(q, k_cache, v_cache, tables, lens, SCALE, out)  # compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(q, k_cache, v_cache, tables, lens, SCALE, out)
+    results = []
+    for seed in (8, 9):
+        q.copy_(torch.randn_like(q))
+        lens.copy_(torch.tensor(mixed_lengths(batch, context, seed), dtype=torch.int32))
+        # the same blocks in another order: rows now read each other's former blocks
+        tables.copy_(tables[torch.randperm(batch, device=DEV)].flip(1))
+        out.fill_(float("nan"))
+        graph.replay()
+        eager = paged_decode_attention(q, k_cache, v_cache, tables, lens, SCALE)
+        err = rel_err(out, reference(q, k_cache, v_cache, tables, lens))
+        results.append(dict(equal_to_eager=torch.equal(out, eager), rel_err=err))
+    ok = all(r["equal_to_eager"] and r["rel_err"] < 1e-2 for r in results)
+    print(f"cuda graph B={batch}: replays {results} {'ok' if ok else 'FAIL'}", flush=True)
+    return dict(replays=results, ok=ok)
+
+
+# ---- per-token FP8 quantization --------------------------------------------------------------------------------
+
+
+def quant_poisoned(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """per_token_quant_fp8 with its outputs landing, as far as the caching allocator allows, on poisoned memory.
+
+    The kernel allocates its own outputs: blocks of their exact sizes are filled with NaN bytes and freed just
+    before, so that the allocator hands them back; `poisoned` says whether it did.
+    """
+    m, k = x.shape
+    poison_q = torch.full((m, k), 0x7F, dtype=torch.uint8, device=DEV)  # e4m3fn NaN
+    poison_s = torch.full((m, 1), float("nan"), dtype=torch.float32, device=DEV)
+    pointers = (poison_q.data_ptr(), poison_s.data_ptr())
+    del poison_q, poison_s
+    q, scale = per_token_quant_fp8(x)
+    return q, scale, (q.data_ptr(), scale.data_ptr()) == pointers
+
+
+def special_rows(k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(6, k, generator=g, device=DEV)
+    x[0] = 0
+    x[1, 3] = float("nan")
+    x[2] *= 1e-37  # a subnormal float32 scale
+    x[3] *= 1e30
+    x[4, :k // 2] = -0.0
+    return x
+
+
+QUANT_CASES = [(m, k, torch.bfloat16) for m in (1, 7, 4096, 8192) for k in (4096, 12288)] + [
+    (64, 25600, torch.bfloat16), (300, 4096, torch.float16), (300, 4096, torch.float32)]
+
+
+def check_quant(cases=QUANT_CASES, special_k: int = 4096) -> list[dict]:
+    results = []
+    for i, (m, k, dtype) in enumerate([*cases, ("special", special_k, torch.float32)]):
+        g = torch.Generator(device=DEV).manual_seed(1000 + i)
+        x = special_rows(k, i) if m == "special" else torch.randn(m, k, generator=g, device=DEV, dtype=dtype)
+        q_ref, s_ref = quantize_rowwise(x)
+        q, s, poisoned = quant_poisoned(x)
+        bytes_equal = torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+        scales_equal = torch.equal(s.view(torch.int32), s_ref.view(torch.int32))  # bitwise: NaN == NaN here
+        # which arithmetic torch used for amax / 448 on this device (the kernel assumes the reciprocal multiply)
+        amax = x.float().abs().amax(-1, keepdim=True)
+        reciprocal_rows = int((s_ref == amax * torch.tensor(1 / 448, device=DEV)).sum())
+        ok = bytes_equal and scales_equal
+        results.append(dict(m=m, k=k, dtype=str(dtype), bytes_equal=bytes_equal, scales_equal=scales_equal,
+                            poisoned=poisoned, ref_scale_is_reciprocal_multiply=f"{reciprocal_rows}/{x.shape[0]}",
+                            ok=ok))
+        print(f"quant M={m} K={k} {dtype}: bytes_equal={bytes_equal} scales_equal={scales_equal} "
+              f"poisoned={poisoned} reciprocal_rows={reciprocal_rows}/{x.shape[0]} {'ok' if ok else 'FAIL'}",
+              flush=True)
+    return results
+
+
+# ---- timings ---------------------------------------------------------------------------------------------------
+
+
+# Timed calls rotate over input sets that together exceed this, five times an H100's L2, so that each call reads
+# its data from memory as each layer of the engine does (every layer has its own KV cache).
+ROTATE_BYTES = 256 * 2 ** 20
+
+
+def median_ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def per_call_ms(calls: list) -> float:
+    """Median time of one call, from replays of one CUDA graph that runs all of them in turn.
+
+    The engine replays decode steps as graphs: launch gaps and host overhead stay out of this number as well.
+    """
+    for call in calls:
+        call()  # compiles and allocates outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return median_ms(graph.replay) / len(calls)
+
+
+def bench_copy(numel: int = 256 * 2 ** 20) -> dict:
+    src = torch.randn(numel, device=DEV)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    return dict(bytes=2 * src.nbytes, ms=ms, gbps=2 * src.nbytes / ms / 1e6)
+
+
+def kv_bytes(batch: int, context: int) -> int:
+    return 2 * context * KV_HEADS * HEAD_DIM * 2 * batch  # K and V, bf16, one layer
+
+
+def decode_sets(batch: int, context: int, seed: int) -> list[tuple]:
+    """(q, k_cache, v_cache, tables, lens) sets of `batch` rows at `context` on disjoint blocks, ROTATE_BYTES in all."""
+    sets = math.ceil(ROTATE_BYTES / kv_bytes(batch, context))
+    q, k_cache, v_cache, tables, lens = paged_inputs([context] * batch * sets, seed, pad_blocks=0, poison=False)
+    rows = [slice(i * batch, (i + 1) * batch) for i in range(sets)]
+    return [(q[r], k_cache, v_cache, tables[r], lens[r]) for r in rows]
+
+
+def bench_attention(sizes=((1, 2048), (1, 8192), (1, 32768), (1, 131072), (32, 2048), (32, 8192))) -> list[dict]:
+    results = []
+    for batch, context in sizes:
+        sets = decode_sets(batch, context, seed=context + batch)
+        kernel = per_call_ms([partial(paged_decode_attention, *s, SCALE, torch.empty_like(s[0])) for s in sets])
+        sdpa = per_call_ms([partial(sdpa_gather_decode, *s, SCALE) for s in sets])
+        nbytes = kv_bytes(batch, context)
+        results.append(dict(batch=batch, context=context, bytes=nbytes, rotated_sets=len(sets),
+                            splits=default_num_splits(batch, KV_HEADS, context, DEV),
+                            kernel_ms=kernel, kernel_gbps=nbytes / kernel / 1e6,
+                            sdpa_ms=sdpa, sdpa_gbps=nbytes / sdpa / 1e6))
+        del sets
+    return results
+
+
+def quant_bytes(m: int, k: int) -> int:
+    return m * k * 2 + m * k + m * 4  # bf16 in, fp8 and float32 scales out
+
+
+def quant_inputs(m: int, k: int) -> list[torch.Tensor]:
+    return [torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            for _ in range(math.ceil(ROTATE_BYTES / quant_bytes(m, k)))]
+
+
+def bench_quant(m: int = 8192, ks=(4096, 12288)) -> list[dict]:
+    results = []
+    for k in ks:
+        xs = quant_inputs(m, k)
+        kernel = per_call_ms([partial(per_token_quant_fp8, x) for x in xs])
+        eager = per_call_ms([partial(quantize_rowwise, x) for x in xs])
+        nbytes = quant_bytes(m, k)
+        results.append(dict(m=m, k=k, bytes=nbytes, kernel_ms=kernel, kernel_gbps=nbytes / kernel / 1e6,
+                            eager_ms=eager, eager_gbps=nbytes / eager / 1e6))
+    return results
+
+
+def tune(attention_sizes=((1, 32768), (32, 8192)), quant_m: int = 8192, quant_ks=(4096, 12288)) -> dict:
+    """Launch shapes around the defaults, for the next round of tuning (not a check)."""
+    attention = []
+    for batch, context in attention_sizes:
+        sets = decode_sets(batch, context, seed=5)
+        outs = [torch.empty_like(s[0]) for s in sets]
+        default = default_num_splits(batch, KV_HEADS, context, DEV)
+        variants = [(DecodeConfig(*shape), default) for shape in
+                    ((64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 8, 2), (64, 4, 3), (128, 8, 3))]
+        variants += [(DecodeConfig(), splits) for splits in (default // 4, default // 2, default * 2) if splits]
+        for config, splits in variants:
+            ms = per_call_ms([partial(paged_decode_attention, *s, SCALE, out, num_splits=splits, config=config)
+                              for s, out in zip(sets, outs)])
+            attention.append(dict(batch=batch, context=context, block_n=config.block_n, num_warps=config.num_warps,
+                                  num_stages=config.num_stages, splits=splits, ms=ms,
+                                  gbps=kv_bytes(batch, context) / ms / 1e6))
+        del sets, outs
+    quant = []
+    for k in quant_ks:
+        xs = quant_inputs(quant_m, k)
+        for num_warps in (2, 4, 8, 16):
+            ms = per_call_ms([partial(per_token_quant_fp8, x, num_warps=num_warps) for x in xs])
+            quant.append(dict(m=quant_m, k=k, num_warps=num_warps, ms=ms, gbps=quant_bytes(quant_m, k) / ms / 1e6))
+    return dict(attention=attention, quant=quant)
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    start = time.time()
+    report: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    report["attention_checks"] = check_attention()
+    report["graph_check"] = check_graph()
+    report["quant_checks"] = check_quant()
+    report["copy"] = bench_copy()
+    report["attention_timings"] = bench_attention()
+    report["quant_timings"] = bench_quant()
+    report["tuning"] = tune()
+    checks = report["attention_checks"] + [report["graph_check"]] + report["quant_checks"]
+    report["ok"] = all(c["ok"] for c in checks)
+    report["wall_s"] = time.time() - start
+
+    copy = report["copy"]["gbps"]
+    print(f"\n{report['device']}  device-to-device copy {copy:.0f} GB/s (read + write)")
+    print(f"{'decode attention':22} {'kernel ms':>10} {'GB/s':>7} {'of copy':>8} {'splits':>7} {'sdpa ms':>9} "
+          f"{'speedup':>8}")
+    for r in report["attention_timings"]:
+        print(f"B={r['batch']:<3} context={r['context']:<8} {r['kernel_ms']:10.4f} {r['kernel_gbps']:7.0f} "
+              f"{r['kernel_gbps'] / copy:8.0%} {r['splits']:7} {r['sdpa_ms']:9.4f} "
+              f"{r['sdpa_ms'] / r['kernel_ms']:7.1f}x")
+    print(f"{'fp8 per-token quant':22} {'kernel ms':>10} {'GB/s':>7} {'of copy':>8} {'eager ms':>9} {'speedup':>8}")
+    for r in report["quant_timings"]:
+        print(f"M={r['m']} K={r['k']:<11} {r['kernel_ms']:10.4f} {r['kernel_gbps']:7.0f} "
+              f"{r['kernel_gbps'] / copy:8.0%} {r['eager_ms']:9.4f} {r['eager_ms'] / r['kernel_ms']:7.1f}x")
+    best = {}
+    for r in report["tuning"]["attention"]:
+        key = (r["batch"], r["context"])
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    for (batch, context), r in best.items():
+        print(f"tuning B={batch} context={context}: best block_n={r['block_n']} warps={r['num_warps']} "
+              f"stages={r['num_stages']} splits={r['splits']} {r['ms']:.4f} ms")
+    for k in sorted({r["k"] for r in report["tuning"]["quant"]}):
+        r = min((r for r in report["tuning"]["quant"] if r["k"] == k), key=lambda r: r["ms"])
+        print(f"tuning quant K={k}: best num_warps={r['num_warps']} {r['ms']:.4f} ms")
+    failed = [c for c in checks if not c["ok"]]
+    print(f"checks: {len(checks) - len(failed)}/{len(checks)} ok; {report['wall_s']:.0f} s")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "kernels.json").write_text(json.dumps(report, indent=1))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

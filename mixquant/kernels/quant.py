@@ -1,0 +1,86 @@
+"""Per-token FP8 E4M3 quantization of activations in one Triton kernel.
+
+Computes what `mixquant.quantization.fp8.quantize_rowwise` computes on a CUDA device, bit for bit, in one read of x
+instead of the half-dozen passes (abs, amax, divide, where, clamp, cast) that eager PyTorch makes over it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mixquant.quantization.fp8 import _ZERO_ROW_SCALE, FP8_DTYPE, FP8_MAX
+
+# Rows up to this many elements are held in registers (one read of x); longer rows are read twice, in chunks.
+_WHOLE_ROW_MAX = 16384
+_CHUNK = 4096
+
+
+@triton.jit
+def _nan_max(a, b):
+    # torch's amax and clamp propagate NaN; Triton's max and clamp drop it unless told
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _row_scale(amax, FP8_MAX: tl.constexpr, ZERO_ROW_SCALE: tl.constexpr):
+    # quantize_rowwise writes amax / 448, but torch on CUDA divides by a Python scalar as a multiply by the
+    # scalar's float32 reciprocal (a true division only on the CPU); the multiply is what matches it on the GPU
+    scale = amax * (1.0 / FP8_MAX)
+    return tl.where(scale == 0, ZERO_ROW_SCALE, scale)
+
+
+@triton.jit
+def _quantize(x, scale, FP8_MAX: tl.constexpr):
+    # x / scale between two tensors is an IEEE division in torch; Triton's `/` is the approximate div.full.f32
+    q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return q.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
+                            BLOCK_K: tl.constexpr, WHOLE_ROW: tl.constexpr,
+                            FP8_MAX: tl.constexpr, ZERO_ROW_SCALE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # M * K may pass 2**31
+    x_row = x_ptr + row * stride_x
+    q_row = q_ptr + row * stride_q
+    offs = tl.arange(0, BLOCK_K)
+    if WHOLE_ROW:
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = _row_scale(tl.reduce(tl.abs(x), 0, _nan_max), FP8_MAX, ZERO_ROW_SCALE)
+        tl.store(q_row + offs, _quantize(x, scale, FP8_MAX), mask=mask)
+    else:
+        amax = tl.zeros([BLOCK_K], tl.float32)  # masked lanes load 0, which never raises an |x| maximum
+        for start in range(0, K, BLOCK_K):
+            mask = start + offs < K
+            amax = _nan_max(amax, tl.abs(tl.load(x_row + start + offs, mask=mask, other=0.0).to(tl.float32)))
+        scale = _row_scale(tl.reduce(amax, 0, _nan_max), FP8_MAX, ZERO_ROW_SCALE)
+        for start in range(0, K, BLOCK_K):  # the second read of the row mostly hits L2
+            mask = start + offs < K
+            x = tl.load(x_row + start + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_row + start + offs, _quantize(x, scale, FP8_MAX), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def per_token_quant_fp8(x: torch.Tensor, *, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (bf16/fp16/fp32) -> (q [M, K] float8_e4m3fn, scale [M, 1] float32), as `fp8.quantize_rowwise`.
+
+    Bit-identical to quantize_rowwise run on a CUDA device; `num_warps` overrides the default picked from K.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"expected x of shape [M, K], got {tuple(x.shape)}")
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    whole_row = k <= _WHOLE_ROW_MAX
+    block_k = triton.next_power_of_2(k) if whole_row else _CHUNK
+    if num_warps is None:
+        num_warps = 8 if block_k >= 8192 else 4  # 32 to 64 fp32 values of x per thread
+    _per_token_quant_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK_K=block_k, WHOLE_ROW=whole_row,
+                                  FP8_MAX=FP8_MAX, ZERO_ROW_SCALE=_ZERO_ROW_SCALE, num_warps=num_warps)
+    return q, scale

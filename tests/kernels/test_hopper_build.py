@@ -1,0 +1,93 @@
+"""The kernels compile for Hopper (sm_90) without a GPU, with the instructions their design relies on.
+
+The interpreter runs the kernels' logic but not the compiler: this catches what only compilation can (tl.dot shape
+rules, loop-carried types), register spills, and changes that would break bit-identity with torch (an
+approximate division, a different rounding of the FP8 cast). Runs in the main test process, where the kernels are
+compiled rather than interpreted (conftest.py).
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from collections import Counter
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mixquant.kernels.paged_attention import _decode_split_kernel, _merge_kernel
+from mixquant.kernels.quant import _per_token_quant_kernel
+from mixquant.quantization.fp8 import _ZERO_ROW_SCALE
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 2):
+    """(ptx, sass instruction counts, resource usage) of kernel built for sm_90; unlisted parameters are i32.
+
+    Pointers and int parameters are marked 16-divisible, as Triton specializes them at a real launch.
+    """
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    aligned = [n for n in names if n not in constexprs and (signature[n].startswith("*") or n.startswith("stride"))]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), target=HOPPER,
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+
+        def cuobjdump(flag: str) -> str:
+            return subprocess.run([triton.knobs.nvidia.cuobjdump.path, flag, cubin.name], capture_output=True,
+                                  text=True, check=True).stdout
+
+        sass = Counter(re.findall(r"\b([A-Z][A-Z0-9]+(?:\.[A-Z0-9_]+)*)\s", cuobjdump("-sass")))
+        return compiled.asm["ptx"], sass, cuobjdump("-res-usage")
+
+
+ATTENTION_TYPES = dict(q_ptr="*bf16", k_cache_ptr="*bf16", v_cache_ptr="*bf16", block_tables_ptr="*i32",
+                       context_lens_ptr="*i32", out_ptr="*bf16", part_out_ptr="*fp32", part_lse_ptr="*fp32",
+                       qk_scale="fp32")
+ATTENTION_CONSTEXPRS = dict(NUM_HEADS=32, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64,
+                            DIRECT=False, DOT_PRECISION="tf32")
+
+
+@pytest.mark.parametrize("variant", ["qwen3_8b_bf16", "one_split_mha_fp32", "gqa8_int64_tables"])
+def test_decode_split_kernel_builds_on_tensor_cores_without_spills(variant):
+    types, constexprs = dict(ATTENTION_TYPES), dict(ATTENTION_CONSTEXPRS)
+    if variant == "one_split_mha_fp32":
+        types.update(q_ptr="*fp32", k_cache_ptr="*fp32", v_cache_ptr="*fp32", out_ptr="*fp32")
+        constexprs.update(GROUP=1, HEAD_DIM=64, DIRECT=True, DOT_PRECISION="ieee", part_out_ptr=None,
+                          part_lse_ptr=None)
+    elif variant == "gqa8_int64_tables":
+        types.update(block_tables_ptr="*i64", context_lens_ptr="*i64")
+        constexprs.update(GROUP=8)
+    _, sass, usage = compile_for_hopper(_decode_split_kernel, types, constexprs)
+    assert "LOCAL:0" in usage and "STACK:0" in usage, usage
+    if variant == "qwen3_8b_bf16":
+        assert sass["HMMA.16816.F32.BF16"] > 0, "the two dots should run on the tensor cores"
+        assert sass["LDGSTS.E.BYPASS.128"] > 0, "K/V tiles should stream in as 16-byte async copies"
+
+
+def test_merge_kernel_builds():
+    _, _, usage = compile_for_hopper(
+        _merge_kernel, dict(out_ptr="*bf16", part_out_ptr="*fp32", part_lse_ptr="*fp32", context_lens_ptr="*i32"),
+        dict(NUM_HEADS=32, HEAD_DIM=128, SPLITS_PAD=64, BLOCK_N=64), num_warps=2)
+    assert "LOCAL:0" in usage, usage
+
+
+@pytest.mark.parametrize("dtype,block_k,whole_row", [("bf16", 4096, True), ("bf16", 16384, True),
+                                                     ("fp32", 4096, False)])
+def test_quant_kernel_builds_with_torch_cuda_arithmetic(dtype, block_k, whole_row):
+    ptx, _, usage = compile_for_hopper(
+        _per_token_quant_kernel, dict(x_ptr=f"*{dtype}", q_ptr="*fp8e4nv", scale_ptr="*fp32"),
+        dict(BLOCK_K=block_k, WHOLE_ROW=whole_row, FP8_MAX=448.0, ZERO_ROW_SCALE=_ZERO_ROW_SCALE),
+        num_warps=8 if block_k >= 8192 else 4)
+    assert "LOCAL:0" in usage, usage
+    assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx" not in ptx
+    assert re.search(r"mul(\.rn)?\.f32\s+%r\d+, %r\d+, 0f3B124925;", ptx), "scale = amax * float32(1/448)"
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx

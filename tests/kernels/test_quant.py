@@ -1,0 +1,76 @@
+"""per_token_quant_fp8 under the Triton interpreter (conftest) against quantize_rowwise's arithmetic on CUDA.
+
+On a CUDA device torch computes quantize_rowwise's `amax / 448` as amax * float32(1/448) (it divides by a Python
+scalar through the reciprocal) while the CPU divides: the two differ by one ulp in about half the rows. The kernel
+follows CUDA, where it runs, so its scales are checked against that arithmetic spelled out here, and against the
+CPU's quantize_rowwise to within one ulp. gpu_tests/check_kernels.py checks bit equality with quantize_rowwise
+on the GPU itself.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixquant.kernels.quant import per_token_quant_fp8
+from mixquant.quantization import fp8
+
+
+def cuda_quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8.quantize_rowwise with torch's CUDA rounding of `amax / 448`."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True) * torch.tensor(1 / fp8.FP8_MAX, dtype=torch.float32)
+    scale = torch.where(scale == 0, fp8._ZERO_ROW_SCALE, scale)
+    return (xf / scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8_DTYPE), scale
+
+
+def random_rows(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Rows whose magnitudes span many binades (activations have outlier rows), with an all-zero row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-4, 4, m).unsqueeze(1)
+    x[m // 2] = 0
+    return x.to(dtype)
+
+
+def assert_matches(x: torch.Tensor) -> None:
+    q, scale = per_token_quant_fp8(x)
+    q_ref, scale_ref = cuda_quantize_rowwise(x)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
+    assert scale.dtype == torch.float32 and scale.shape == (x.shape[0], 1)
+    assert torch.equal(scale, scale_ref)
+    # the interpreter casts through torch (conftest), so the bytes must match exactly too
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    _, scale_cpu = fp8.quantize_rowwise(x)
+    assert torch.equal(scale, scale_cpu) or (scale.view(torch.int32) - scale_cpu.view(torch.int32)).abs().max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k", [16, 48, 4096])
+def test_rows_held_whole_match_cuda_quantize_rowwise(dtype, k):
+    assert_matches(random_rows(9, k, dtype, seed=k))
+
+
+def test_long_rows_read_in_chunks_match():
+    assert_matches(random_rows(3, 16384 + 4096 + 16, torch.bfloat16, seed=1))
+
+
+def test_strided_rows_and_dequantized_error():
+    """A row slice of a wider activation; q * scale stays within half an fp8 step (2**-4 relative) of x."""
+    wide = random_rows(6, 96, torch.bfloat16, seed=2)
+    x = wide[:, 16:80]
+    assert_matches(x)
+    q, scale = per_token_quant_fp8(x)
+    error = (fp8.dequantize_rowwise(q, scale) - x.float()).abs()
+    assert (error <= x.float().abs() * 2 ** -4 + scale * 2 ** -10).all()  # the 2**-10 term covers subnormals
+
+
+def test_nan_row_becomes_nan_like_quantize_rowwise():
+    x = random_rows(4, 32, torch.float32, seed=3)
+    x[1, 5] = float("nan")
+    q, scale = per_token_quant_fp8(x)
+    assert scale[1].isnan().all() and q[1].float().isnan().all()
+    assert torch.equal(q[[0, 2, 3]].view(torch.uint8), cuda_quantize_rowwise(x)[0][[0, 2, 3]].view(torch.uint8))
+
+
+def test_no_rows():
+    q, scale = per_token_quant_fp8(torch.empty(0, 64, dtype=torch.bfloat16))
+    assert q.shape == (0, 64) and q.dtype == torch.float8_e4m3fn and scale.shape == (0, 1)
