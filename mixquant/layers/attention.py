@@ -48,6 +48,11 @@ class TorchAttentionBackend:
 
     @staticmethod
     def _decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
+        if q.is_cuda:
+            # reads only each row's own context, in fixed-shape launches a CUDA graph can replay
+            from mixquant.kernels.paged_attention import paged_decode_attention
+
+            return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
         rows, max_blocks = block_tables.shape
         block_size = k_cache.shape[1]
         k_ctx = k_cache[block_tables].flatten(1, 2).transpose(1, 2)  # [rows, kv_heads, max_len, dim]

@@ -12,11 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from mixquant.quantization import fp8, nvfp4
-from mixquant.utils.compile import fused_on_gpu
-
-# per-token activation quantization as one fused kernel on GPU (the eager abs/amax/div/clamp/cast chain cost more
-# than the FP8 GEMM saved); the same function, unfused, elsewhere
-quantize_activation_fp8 = fused_on_gpu(fp8.quantize_rowwise)
 
 
 class LinearMethod:
@@ -66,7 +61,10 @@ class FP8Method(LinearMethod):
 
     def __call__(self, x, out=None):
         if self.mode == "native":
-            xq, x_scale = quantize_activation_fp8(x)
+            # one Triton pass per token (the eager abs/amax/div/clamp/cast chain cost more than FP8 GEMMs saved)
+            from mixquant.kernels.quant import per_token_quant_fp8
+
+            xq, x_scale = per_token_quant_fp8(x)
             kwargs = {} if out is None else {"out": out}
             return torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(),
                                     bias=self.bias, out_dtype=x.dtype, **kwargs)
