@@ -89,8 +89,8 @@ def _engine(model: str, pair: str, max_len: int, batched_tokens: int, max_seqs: 
                                   enable_prefix_caching=False, hf_overrides=hf_overrides, enforce_eager=eager))
 
 
-def _free(*objects):
-    del objects
+def _release_memory():
+    """Call after dropping the last reference to an engine, so the next one sizes its KV cache on a free card."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -133,8 +133,8 @@ def bench_prefill(model: str, pairs: list[str], contexts: list[int], repeats: in
             rows.append(Row("prefill", "mixquant", prefill, decode, context, 1, context / t, t,
                             tflops=prefill_flops(engine.hf_config, context) / t / 1e12, notes=dict(notes)))
             print(_line(rows[-1]), flush=True)
-        _free(engine)
         del engine
+        _release_memory()
     if compare_transformers:
         rows += bench_transformers_prefill(model, contexts, repeats, hf_overrides)
     _set_ratios(rows, "prefill")
@@ -155,7 +155,8 @@ def bench_transformers_prefill(model: str, contexts: list[int], repeats: int, hf
         rows.append(Row("prefill", "transformers", "bf16", "bf16", context, 1, context / t, t,
                         tflops=prefill_flops(config, context) / t / 1e12))
         print(_line(rows[-1]), flush=True)
-    _free(hf)
+    del hf
+    _release_memory()
     return rows
 
 
@@ -182,8 +183,8 @@ def bench_decode(model: str, pairs: list[str], batches: list[int], context: int,
                             gbps=bytes_per_step / t / 1e9,
                             notes={**notes, "cuda_graphs": bool(engine.runner.graphs)}))
             print(_line(rows[-1]), flush=True)
-        _free(engine)
         del engine
+        _release_memory()
     _set_ratios(rows, "decode")
     return rows
 

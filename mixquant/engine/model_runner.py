@@ -6,6 +6,8 @@ layers route the two row ranges to their phase's method; attention sees one segm
 """
 from __future__ import annotations
 
+import gc
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,8 @@ from mixquant.engine.sequence import Sequence
 from mixquant.models import loader
 from mixquant.utils.context import AttentionSegment, ForwardContext, forward_context
 from mixquant.utils.hf import iterate_tensors, resolve_model_path
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,7 +59,11 @@ class ModelRunner:
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.device.type == "cuda" and not config.enforce_eager:
-            self._capture_decode_graphs()
+            try:
+                self._capture_decode_graphs()
+            except RuntimeError as e:  # an op that cannot be captured: run decode eagerly rather than not at all
+                self.graphs = {}
+                logger.warning("decode CUDA graphs disabled, capture failed: %s", e)
 
     # ---- KV cache -------------------------------------------------------------------------------------------
 
@@ -102,7 +110,10 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = scratch[0, i], scratch[1, i]
         self._probe_forward(probe_tokens)
         peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
+        for layer in self.model.attention_layers():
+            layer.k_cache = layer.v_cache = torch.empty(0)
         del scratch
+        gc.collect()  # memory of engines dropped before this one is handed back only once they are collected
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         in_use_by_others = total - free - torch.cuda.memory_reserved(self.device)
