@@ -19,7 +19,8 @@ def fused_on_gpu(fn):
         if not args[0].is_cuda:
             return fn(*args)
         if compiled is None:
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+            # round every intermediate to its dtype as eager does, so the fused kernel keeps transformers' numerics
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
         return compiled(*args)
 
     return wrapper
