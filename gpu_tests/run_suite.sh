@@ -20,7 +20,7 @@ fi
 step python3 -m mixquant.cli bench prefill --pairs bf16/bf16,fp8/bf16,nvfp4/bf16 --contexts $contexts \
   --compare transformers --repeats 3 --output-dir "$out/prefill"
 [ "$mode" = quick ] || step python3 -m mixquant.cli bench prefill --yarn --pairs bf16/bf16,fp8/bf16 \
-  --contexts 131072 --repeats 2 --output-dir "$out/prefill-128k"
+  --contexts 131000 --repeats 2 --output-dir "$out/prefill-128k"
 step python3 -m mixquant.cli bench decode --pairs bf16/bf16,fp8/bf16,nvfp4/bf16 --batches $batches \
   --context 2048 --output-dir "$out/decode"
 exit $status

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Agentic replay against mixquant serve, one server per precision pair, on the Qwen3-8B shape (random weights).
+#   bash gpu_tests/bench_serve.sh OUT_DIR [bench serve flags...]
+# Needs .carry/server-wheels (fastapi, uvicorn, ... are not in the device image) and .carry/qwen3-tokenizer.
+set -uo pipefail
+out=${1:?usage: bench_serve.sh OUT_DIR [flags]}
+shift
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/server-wheels/*.whl >/dev/null || exit 1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+shape=$(python3 -c "from mixquant.bench.shapes import shape_dir; print(shape_dir('qwen3-8b'))")
+status=0
+for pair in bf16/bf16 fp8/bf16; do
+  name=${pair/\//-}
+  python3 -m mixquant.cli serve "$shape" --load-format dummy --tokenizer .carry/qwen3-tokenizer \
+    --served-model-name qwen3-8b-shape --prefill-precision ${pair%/*} --decode-precision ${pair#*/} \
+    --max-model-len 40960 --port 8011 --uvicorn-log-level warning > "$out/server-$name.log" 2>&1 &
+  server=$!
+  for _ in $(seq 240); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
+  python3 -m mixquant.cli bench serve --base-url http://127.0.0.1:8011/v1 --model qwen3-8b-shape \
+    --output "$out/serve-$name.json" "$@" || status=1
+  kill -TERM $server; wait $server
+done
+exit $status
