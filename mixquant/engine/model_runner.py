@@ -155,9 +155,10 @@ class ModelRunner:
         ordered += [seg for segs in per_seq for seg in segs if seg.phase is Phase.DECODE]
         seq_index = {id(s): i for i, s in enumerate(batch.seqs)}
         bs = self.block_size
-        input_ids, positions, slots, attn_segments = [], [], [], []
+        input_ids, positions, slots = [], [], []
         sample_rows = [-1] * len(batch.seqs)
         prompt_rows: dict[int, list[int]] = {}
+        row_starts = []
         row = 0
         for seg in ordered:
             seq, n = seg.seq, seg.end - seg.start
@@ -165,7 +166,7 @@ class ModelRunner:
             input_ids += seq.token_ids[seg.start:seg.end]
             positions += range(seg.start, seg.end)
             slots += [table[p // bs] * bs + p % bs for p in range(seg.start, seg.end)]
-            attn_segments.append(AttentionSegment(row, row + n, seg.start, torch.tensor(table)))
+            row_starts.append(row)
             i = seq_index[id(seq)]
             if seg.end == seq.num_tokens:
                 sample_rows[i] = row + n - 1
@@ -183,9 +184,10 @@ class ModelRunner:
             lens = torch.tensor([seg.end for seg in ordered], dtype=torch.long, device=dev)
             ctx = ForwardContext(0, slot_mapping, block_tables=tables, context_lens=lens)
         else:
-            for seg in attn_segments:
-                seg.block_table = seg.block_table.to(dev)
-            ctx = ForwardContext(num_prefill, slot_mapping, segments=attn_segments)
+            segments = [AttentionSegment(start, start + seg.end - seg.start, seg.start,
+                                         torch.tensor(seg.seq.block_table, device=dev))
+                        for start, seg in zip(row_starts, ordered)]
+            ctx = ForwardContext(num_prefill, slot_mapping, segments=segments)
         return StepInputs(torch.tensor(input_ids, dtype=torch.long, device=dev),
                           torch.tensor(positions, dtype=torch.long, device=dev), ctx, sample_rows, prompt_rows,
                           {Phase.PREFILL: num_prefill, Phase.DECODE: row - num_prefill})
