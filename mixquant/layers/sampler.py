@@ -67,9 +67,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[set[int]],
         if any(s.params.top_k or s.params.top_p < 1 or s.params.min_p > 0 for s in seqs):
             probs = _filter(probs, seqs)
         # exponential race: argmax(p / E) with E ~ Exp(1) draws from p; each seeded sequence draws its own noise
-        noise = torch.empty_like(probs)
+        noise = torch.empty_like(probs).exponential_(generator=default_generator)
         for row, seq in enumerate(seqs):
-            noise[row].exponential_(generator=seq.generator or default_generator)
+            if seq.generator is not None:
+                noise[row].exponential_(generator=seq.generator)
         sampled = (probs / noise).argmax(dim=-1)
         chosen = torch.where(greedy, chosen, sampled)
 
