@@ -1,6 +1,6 @@
 """The server on a GPU, where the engine thread drives CUDA: low-precision prefill kernels, BF16 decode, CUDA graphs.
 
-Run through the device tool (CI has no GPU; these skip there).
+Run through the device tool: PYTHONPATH=. python3 -m pytest gpu_tests/test_gpu_server.py (CI has no GPU).
 """
 from __future__ import annotations
 
