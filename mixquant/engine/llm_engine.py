@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from mixquant.config import EngineConfig, Phase, resolve_dtype
 from mixquant.engine.block_manager import BlockManager
 from mixquant.engine.model_runner import ModelRunner
-from mixquant.engine.scheduler import Scheduler
+from mixquant.engine.scheduler import ScheduledBatch, Scheduler
 from mixquant.engine.sequence import Sequence
 from mixquant.layers.sampler import sample
 from mixquant.outputs import CompletionOutput, Logprob, RequestOutput
@@ -292,6 +292,43 @@ class LLMEngine:
 
     def kv_cache_tokens(self) -> int:
         return self.block_manager.num_blocks * self.config.block_size
+
+    # ---- scoring -------------------------------------------------------------------------------------------------
+
+    def teacher_forced_logprobs(self, prompt_token_ids: list[int], continuation: list[int]) -> torch.Tensor:
+        """Log-probabilities of the next token after the prompt and after each continuation token, as this engine
+        would compute them while generating that continuation: prompt tokens (but the last) in the prefill
+        precision, the last prompt token and the continuation in the decode precision.
+
+        Returns float32 [len(continuation) + 1, vocab] (row i predicts the token after continuation[:i]). Run it
+        with no other requests in flight.
+        """
+        if self.has_unfinished_requests():
+            raise RuntimeError("teacher_forced_logprobs runs alone: finish or abort the engine's requests first")
+        self._validate_prompt(list(prompt_token_ids) + list(continuation))
+        # prompt_logprobs: like any request that scores its own tokens, it computes them all (no prefix-cache hits)
+        seq = Sequence("score", 0, list(prompt_token_ids) + list(continuation),
+                       SamplingParams(max_tokens=1, prompt_logprobs=0))
+        seq.num_prompt_tokens = len(prompt_token_ids)  # the phase boundary stays at the real prompt's end
+        if not self.block_manager.allocate(seq):
+            raise ValueError(f"{seq.num_tokens} tokens do not fit in the KV cache")
+        first_scored = seq.num_prompt_tokens - 1
+        rows: list[torch.Tensor] = []
+        try:
+            while seq.num_computed_tokens < seq.num_tokens:
+                start = seq.num_computed_tokens
+                n = min(seq.num_tokens - start, self.config.max_num_batched_tokens)
+                batch = ScheduledBatch([seq], [n])
+                inputs = self.runner.prepare(batch)
+                hidden = self.runner.forward(inputs)
+                # rows are [prefill part | decode part] of this chunk, i.e. in position order
+                scored = [p - start for p in range(max(start, first_scored), start + n)]
+                if scored:
+                    rows.append(torch.log_softmax(self.runner.logits(hidden, scored), dim=-1))
+                self.scheduler.computed(batch)
+        finally:
+            self.block_manager.free_sequence(seq)
+        return torch.cat(rows)
 
     # ---- KV export / import (the building block of a disaggregated prefill/decode mode) -------------------------
 

@@ -159,3 +159,19 @@ def test_unquantized_layers_stay_in_model_dtype(tiny_qwen3):
     assert isinstance(layers["model.layers.0.mlp.gate_up_proj"].prefill_method, NVFP4Method)
     full_low = _llm(tiny_qwen3, "nvfp4", "nvfp4")
     assert full_low.engine.runner.model.model.layers[0].mlp.down_proj.weight is None  # no BF16 copy kept
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_teacher_forced_logprobs_equal_generation_logprobs(tiny_qwen3, precision):
+    """Scoring a continuation gives the distributions the engine had while generating it (same phase split)."""
+    llm = _llm(tiny_qwen3, precision, "bf16", max_num_batched_tokens=7)  # forces several chunks
+    prompt = _prompt(llm)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3),
+                       use_tqdm=False)[0].outputs[0]
+    scores = llm.engine.teacher_forced_logprobs(prompt, out.token_ids)
+    assert scores.shape == (len(out.token_ids) + 1, llm.engine.hf_config.vocab_size)
+    for row, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert scores[row].argmax().item() == token
+        assert scores[row, token].item() == pytest.approx(entry[token].logprob, abs=1e-5)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
