@@ -86,15 +86,19 @@ class ModelRunner:
         if num_blocks < 1:
             raise ValueError("no memory is left for the KV cache: lower max_num_batched_tokens or raise "
                              "gpu_memory_utilization / kv_cache_memory_bytes")
-        attn = self.model.attention_layers()[0]
         # one block more than the block manager hands out: padded rows of captured decode graphs write there
         self.scratch_block = num_blocks
-        shape = (2, len(self.model.attention_layers()), num_blocks + 1, self.block_size, attn.num_kv_heads,
-                 attn.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        for i, layer in enumerate(self.model.attention_layers()):
-            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        self.kv_cache = self._bind_kv_cache(num_blocks + 1)
         return num_blocks
+
+    def _bind_kv_cache(self, num_blocks: int) -> torch.Tensor:
+        """[2, layers, blocks, block_size, kv_heads, head_dim], with each attention layer given its K and V views."""
+        layers = self.model.attention_layers()
+        shape = (2, len(layers), num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
+        cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(layers):
+            layer.k_cache, layer.v_cache = cache[0, i], cache[1, i]
+        return cache
 
     def _gpu_kv_budget(self) -> int:
         """What is left of gpu_memory_utilization after the weights and the activations of the largest step."""
@@ -102,12 +106,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         probe_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
-        probe_blocks = -(-probe_tokens // self.block_size)
-        attn = self.model.attention_layers()[0]
-        scratch = torch.zeros((2, len(self.model.attention_layers()), probe_blocks, self.block_size,
-                               attn.num_kv_heads, attn.head_dim), dtype=self.dtype, device=self.device)
-        for i, layer in enumerate(self.model.attention_layers()):
-            layer.k_cache, layer.v_cache = scratch[0, i], scratch[1, i]
+        scratch = self._bind_kv_cache(-(-probe_tokens // self.block_size))
         self._probe_forward(probe_tokens)
         peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
         for layer in self.model.attention_layers():
