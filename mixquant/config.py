@@ -21,9 +21,13 @@ class Phase(str, Enum):
     DECODE = "decode"
 
 
+def phase_boundary(num_prompt_tokens: int) -> int:
+    """The first decode position: every prompt token but the last is prefill; the last and all generated are decode."""
+    return num_prompt_tokens - 1
+
+
 def phase_of_position(position: int, num_prompt_tokens: int) -> Phase:
-    """Every prompt token but the last is prefill; the last prompt token and all generated tokens are decode."""
-    return Phase.PREFILL if position < num_prompt_tokens - 1 else Phase.DECODE
+    return Phase.PREFILL if position < phase_boundary(num_prompt_tokens) else Phase.DECODE
 
 
 def resolve_device(device: str) -> torch.device:

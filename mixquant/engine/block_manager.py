@@ -13,6 +13,7 @@ from collections import OrderedDict
 import numpy as np
 import xxhash
 
+from mixquant.config import phase_boundary
 from mixquant.engine.sequence import Sequence
 
 
@@ -67,7 +68,7 @@ class BlockManager:
             return seq.imported_kv_precision
         if self.prefill_precision == self.decode_precision:
             return self.prefill_precision
-        boundary = seq.num_prompt_tokens - 1
+        boundary = phase_boundary(seq.num_prompt_tokens)
         start, end = block_index * self.block_size, (block_index + 1) * self.block_size
         if end <= boundary:
             return self.prefill_precision

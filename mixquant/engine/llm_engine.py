@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer
 
-from mixquant.config import EngineConfig, Phase, resolve_dtype
+from mixquant.config import EngineConfig, Phase, phase_boundary, resolve_dtype
 from mixquant.engine.block_manager import BlockManager
 from mixquant.engine.model_runner import ModelRunner
 from mixquant.engine.scheduler import ScheduledBatch, Scheduler
@@ -53,10 +53,6 @@ class LLMEngine:
         self.default_generator = torch.Generator(device=config.device_obj).manual_seed(config.seed)
         self.tokens_computed: Counter[tuple[str, str]] = Counter()  # (phase, precision) -> tokens
         self.num_prompt_tokens = self.num_generation_tokens = 0
-
-    @classmethod
-    def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
-        return cls(EngineConfig(model=model, **kwargs))
 
     def _max_model_len(self) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 4096
@@ -312,7 +308,7 @@ class LLMEngine:
         seq.num_prompt_tokens = len(prompt_token_ids)  # the phase boundary stays at the real prompt's end
         if not self.block_manager.allocate(seq):
             raise ValueError(f"{seq.num_tokens} tokens do not fit in the KV cache")
-        first_scored = seq.num_prompt_tokens - 1
+        first_scored = phase_boundary(seq.num_prompt_tokens)
         rows: list[torch.Tensor] = []
         try:
             while seq.num_computed_tokens < seq.num_tokens:
@@ -335,7 +331,7 @@ class LLMEngine:
     def export_kv(self, request_id: str) -> dict:
         """The computed KV of a request's first sequence, block by block, with the tokens it covers."""
         seq = self.requests[request_id].seqs[0]
-        full = min(seq.num_computed_tokens, seq.num_prompt_tokens - 1)
+        full = min(seq.num_computed_tokens, phase_boundary(seq.num_prompt_tokens))
         blocks = seq.block_table[:self.block_manager.blocks_needed(full)]
         return {"token_ids": seq.token_ids[:full], "prefill_precision": self.config.prefill_precision,
                 "kv": self.runner.read_kv_blocks(blocks).cpu()}
@@ -348,7 +344,7 @@ class LLMEngine:
         prompt token and every generated token in its own decode precision, as the paper's decode server does.
         """
         self.add_request(request_id, prompt_token_ids, params)
-        n = min(len(exported["token_ids"]), len(prompt_token_ids) - 1)
+        n = min(len(exported["token_ids"]), phase_boundary(len(prompt_token_ids)))
         if exported["token_ids"][:n] != list(prompt_token_ids[:n]):
             self.abort_request(request_id)
             raise ValueError("the exported KV was computed for other tokens than this prompt")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mixquant.config import EngineConfig, Phase
+from mixquant.config import EngineConfig, Phase, phase_boundary
 from mixquant.engine.scheduler import ScheduledBatch
 from mixquant.engine.sequence import Sequence
 from mixquant.models import loader
@@ -140,7 +140,7 @@ class ModelRunner:
     @staticmethod
     def split_by_phase(seq: Sequence, num_new: int) -> list[Segment]:
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-        boundary = seq.num_prompt_tokens - 1
+        boundary = phase_boundary(seq.num_prompt_tokens)
         segments = []
         if start < boundary:
             segments.append(Segment(seq, start, min(end, boundary), Phase.PREFILL))
