@@ -12,6 +12,7 @@ SUBCOMMAND_MODULES = [
     "mixquant.server.cli",
     "mixquant.eval.cli",
     "mixquant.bench.cli",
+    "mixquant.fidelity.cli",
 ]
 
 
