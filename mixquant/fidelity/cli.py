@@ -1,19 +1,30 @@
-"""`mixquant fidelity MODEL --pairs ...`."""
+"""`mixquant fidelity MODEL --pairs ... [--prompts FILE] [--tasks FILE]`."""
 from __future__ import annotations
 
-import json
+import argparse
+import sys
 from pathlib import Path
+
+
+# the paper's pairs and their two baselines
+DEFAULT_PAIRS = "bf16/bf16,fp8/bf16,nvfp4/bf16,fp8/fp8,nvfp4/nvfp4"
 
 
 def register(subparsers):
     p = subparsers.add_parser("fidelity", help="what each precision pair costs against bf16/bf16 on a model")
     p.add_argument("model", help="checkpoint folder or Hugging Face id")
-    p.add_argument("--pairs", default="bf16/bf16,fp8/bf16,nvfp4/bf16,fp8/fp8,nvfp4/nvfp4")
+    p.add_argument("--pairs", default=DEFAULT_PAIRS,
+                   help="comma-separated PREFILL/DECODE pairs; bf16/bf16 always runs, as the reference "
+                        "(default: %(default)s)")
     p.add_argument("--prompts", help="JSONL: 'prompt' (text) or 'messages' (chat), optional gold 'answer'; "
-                                     "default: a small built-in set")
-    p.add_argument("--max-tokens", type=int, default=64, help="greedy tokens generated per prompt")
+                                     "default (with no --tasks either): a small built-in set")
+    p.add_argument("--tasks", help="JSONL of prompts that all carry a gold 'answer' (added to --prompts); "
+                                   "the bundled model's generated tasks ('tiny') are not available yet")
+    p.add_argument("--max-tokens", type=int, default=64, help="greedy tokens generated per prompt (default: 64)")
     p.add_argument("--limit", type=int, help="only the first N prompts")
-    p.add_argument("--output-dir", default="fidelity-results")
+    p.add_argument("--enable-thinking", action="store_true",
+                   help="chat_template_kwargs.enable_thinking for 'messages' prompts (default: off)")
+    p.add_argument("--output-dir", default="fidelity-results", help="(default: %(default)s)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int)
@@ -21,18 +32,24 @@ def register(subparsers):
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from mixquant.fidelity.run import markdown, parse_pairs, plot, read_prompts, run_fidelity
+def run(args: argparse.Namespace) -> int:
+    from mixquant.fidelity.run import (DEFAULT_PROMPTS, FidelityInputError, parse_pairs, read_prompts, read_tasks,
+                                       run_fidelity, write_outputs)
 
-    pairs = parse_pairs(args.pairs)
-    rows = read_prompts(args.prompts)[:args.limit]
-    result = run_fidelity(args.model, pairs, rows, args.max_tokens, dtype=args.dtype, device=args.device,
-                          max_model_len=args.max_model_len, tokenizer=args.tokenizer)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(result, indent=2))
-    table = markdown(result)
-    (out / "fidelity.md").write_text(table + "\n")
-    plot(result, out / "fidelity.png")
-    print(table)
+    # every input is checked before a model loads: a typo should not cost a checkpoint download
+    try:
+        if args.max_tokens < 1:
+            raise FidelityInputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        if args.limit is not None and args.limit < 1:
+            raise FidelityInputError(f"--limit must be >= 1, got {args.limit}")
+        pairs = parse_pairs(args.pairs)
+        rows = (read_prompts(args.prompts) if args.prompts else []) + (read_tasks(args.tasks) if args.tasks else [])
+    except FidelityInputError as error:
+        print(f"mixquant fidelity: {error}", file=sys.stderr)
+        return 2
+    rows = (rows or DEFAULT_PROMPTS)[:args.limit]
+    result = run_fidelity(args.model, pairs, rows, args.max_tokens, enable_thinking=args.enable_thinking,
+                          dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                          tokenizer=args.tokenizer)
+    print(write_outputs(result, Path(args.output_dir)))
     return 0

@@ -1,40 +1,52 @@
 """`mixquant fidelity`: what each precision pair costs against bf16/bf16, on any supported model.
 
-For every prompt the BF16 engine generates a greedy reference continuation. Each pair then (1) scores that same
-continuation teacher-forced (`LLMEngine.teacher_forced_logprobs`, continuation in decode precision as generation
-runs it), compared with BF16's own scores by KL and top-1 agreement, and (2) generates greedily itself, giving
-the position where it first leaves the reference and, when the prompt has a gold answer, its accuracy.
+The bf16/bf16 engine generates a greedy reference continuation for every prompt and scores it teacher-forced.
+Each pair (bf16/bf16 included, as a self-check) then (1) scores that same continuation teacher-forced
+(`LLMEngine.teacher_forced_logprobs`: the continuation in decode precision, as generation runs it), compared with
+the reference scores by KL and top-1 agreement, and (2) generates greedily itself, giving the position where it
+first leaves the reference and, when the prompt has a gold answer, its accuracy.
 """
 from __future__ import annotations
 
 import gc
 import json
 import statistics
-from dataclasses import dataclass
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from mixquant.config import PRECISIONS
-from mixquant.eval.scoring import last_boxed
-from mixquant.fidelity.metrics import first_divergence, kl_divergence, top1_agreement, wilson_interval
+from mixquant.eval.scoring import last_boxed, math_equal
+from mixquant.fidelity.metrics import first_divergence, kl_divergence, percentile, top1_agreement, wilson_interval
 from mixquant.llm import LLM
 from mixquant.sampling_params import SamplingParams
 
+REFERENCE = "bf16/bf16"
+
+# Agentic-looking prompts of different kinds, so that `mixquant fidelity MODEL` gives a first answer with no file.
 DEFAULT_PROMPTS = [
     {"prompt": "Records:\n" + "".join(f"id {i}: name item{i}, value {i * 37 % 101}\n" for i in range(40))
                + "Question: what is the value of item17? Answer:", "answer": str(17 * 37 % 101)},
     {"prompt": "Compute 12 + 35 - 7 and give the result in \\boxed{}.", "answer": "40"},
     {"prompt": "<tools>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"string\"}}</tools>\n"
-               "User: What is the weather in Paris?\nAssistant:"},
+               "User: What is the weather in Paris? Answer with a tool call.\nAssistant:"},
     {"prompt": "The quick brown fox jumps over the lazy dog. " * 60 + "Summarize the text above in one sentence:"},
     {"prompt": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"},
     {"prompt": "Translate to French: The tool returned three results, all of them empty."},
-    {"prompt": "Q: A train leaves at 3 pm and travels 120 km at 60 km/h. When does it arrive?\nA:",
+    {"prompt": "Q: A train leaves at 3 pm and travels 120 km at 60 km/h. At what time does it arrive?\nA:",
      "answer": "5 pm"},
     {"prompt": "List three prime numbers greater than 50:"},
 ]
+
+# Prompt-length buckets (tokens): prefill precision touches every prompt token, so long contexts may suffer more.
 BUCKETS = [(0, 512, "<512"), (512, 2048, "512-2k"), (2048, 8192, "2k-8k"), (8192, 1 << 62, ">=8k")]
+ALL = "all"
+
+
+class FidelityInputError(ValueError):
+    """Input the user can fix (a pair, a prompts file); reported as one line, before any model loads."""
 
 
 @dataclass
@@ -43,133 +55,243 @@ class Sample:
     answer: str | None
 
 
+@dataclass
+class PromptResult:
+    """One pair on one prompt."""
+
+    prompt_tokens: int
+    kl: list[float]  # per scored position
+    top1_agreement: float
+    first_divergence: int
+    correct: bool | None  # None: the prompt has no gold answer
+
+
+@dataclass
+class Stats:
+    """One pair on one bucket of prompts."""
+
+    n: int
+    kl_mean: float
+    kl_p99: float
+    top1_agreement: float
+    first_divergence_mean: float
+    accuracy: float | None = None
+    accuracy_n: int = 0
+    accuracy_ci95: tuple[float, float] | None = None
+
+
+@dataclass
+class FidelityResult:
+    model: str
+    max_tokens: int
+    pairs: dict[str, dict[str, Stats]] = field(default_factory=dict)  # pair -> bucket -> stats
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def has_accuracy(self) -> bool:
+        return any(s.accuracy is not None for buckets in self.pairs.values() for s in buckets.values())
+
+    @property
+    def buckets(self) -> list[str]:
+        """Bucket names present, in length order, 'all' first."""
+        present = {b for buckets in self.pairs.values() for b in buckets}
+        return [name for name in [ALL] + [b[2] for b in BUCKETS] if name in present]
+
+
 def parse_pairs(text: str) -> list[str]:
+    """PREFILL/DECODE pairs, comma-separated; the reference comes first whether it was asked for or not."""
     pairs = [p.strip() for p in text.split(",") if p.strip()]
+    if not pairs:
+        raise FidelityInputError("--pairs names no pair")
     for pair in pairs:
         parts = pair.split("/")
         if len(parts) != 2 or any(p not in PRECISIONS for p in parts):
-            raise ValueError(f"bad pair {pair!r}: write PREFILL/DECODE with each of {', '.join(PRECISIONS)}")
-    return ["bf16/bf16"] + [p for p in pairs if p != "bf16/bf16"]  # the reference always runs first
+            raise FidelityInputError(f"bad pair {pair!r}: write PREFILL/DECODE with each of {', '.join(PRECISIONS)}")
+    return [REFERENCE] + list(dict.fromkeys(p for p in pairs if p != REFERENCE))
 
 
-def read_prompts(path: str | None) -> list[dict]:
-    if path is None:
-        return DEFAULT_PROMPTS
+def read_prompts(path: str | None, require_answer: bool = False) -> list[dict]:
+    """JSONL rows with a 'prompt' string or a 'messages' chat list, and an optional gold 'answer' string."""
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"--prompts file {path} does not exist")
-    rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        raise FidelityInputError(f"{path} does not exist")
+    rows = []
+    for number, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FidelityInputError(f"{path} line {number}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not (isinstance(row.get("prompt"), str)
+                                             or isinstance(row.get("messages"), list)):
+            raise FidelityInputError(f"{path} line {number}: needs a 'prompt' string or a 'messages' list")
+        if "answer" in row and not isinstance(row["answer"], str):
+            raise FidelityInputError(f"{path} line {number}: 'answer' must be a string")
+        if require_answer and "answer" not in row:
+            raise FidelityInputError(f"{path} line {number}: a task needs a gold 'answer'")
+        rows.append(row)
     if not rows:
-        raise ValueError(f"--prompts file {path} holds no prompts")
-    for i, row in enumerate(rows):
-        if "prompt" not in row and "messages" not in row:
-            raise ValueError(f"{path} line {i + 1}: needs a 'prompt' string or a 'messages' list")
+        raise FidelityInputError(f"{path} holds no prompts")
     return rows
 
 
-def tokenize(llm: LLM, rows: list[dict]) -> list[Sample]:
+def read_tasks(spec: str) -> list[dict]:
+    """`--tasks`: a JSONL of prompts that all carry gold answers.
+
+    The hook for generated task sets: the bundled model's task generator (`--tasks tiny`) comes with it.
+    """
+    if spec == "tiny":
+        raise FidelityInputError("--tasks tiny is not available yet: it comes with the bundled mixquant-tiny model "
+                                 "(issue 6); pass a JSONL file of prompts with answers meanwhile")
+    return read_prompts(spec, require_answer=True)
+
+
+def tokenize(llm: LLM, rows: list[dict], enable_thinking: bool) -> list[Sample]:
     tokenizer = llm.get_tokenizer()
     samples = []
     for row in rows:
         if "messages" in row:
             text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True,
-                                                 enable_thinking=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                                                 enable_thinking=enable_thinking)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote the special tokens
         else:
-            ids = tokenizer(row["prompt"])["input_ids"]
+            ids = llm.engine.tokenize(row["prompt"])  # as `LLM.generate` would for the text
         samples.append(Sample(ids, row.get("answer")))
     return samples
 
 
 def is_correct(text: str, answer: str) -> bool:
-    """The gold answer appears in the generated text (after stripping), or as its last \\boxed{} content."""
+    """The gold answer appears in the generated text (both stripped), or is mathematically equal to its last
+    `\\boxed{}` content ("0.5" for "\\frac{1}{2}")."""
+    gold = answer.strip()
+    if gold in text.strip():
+        return True
     boxed = last_boxed(text)
-    return answer.strip() in text or (boxed is not None and boxed.strip() == answer.strip())
+    return boxed is not None and math_equal(gold, boxed)
 
 
-def run_fidelity(model: str, pairs: list[str], rows: list[dict], max_tokens: int, **engine_kwargs) -> dict:
-    greedy = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    reference_scores: list[torch.Tensor] = []
+def run_fidelity(model: str, pairs: list[str], rows: list[dict], max_tokens: int, enable_thinking: bool = False,
+                 **engine_kwargs) -> FidelityResult:
+    """Each pair on each prompt, one engine at a time (so one model's weights are in memory), reference first."""
+    if pairs[0] != REFERENCE:
+        raise ValueError(f"the reference {REFERENCE} runs first, got {pairs}")
+    # Generation stops at EOS, as deployed: text after it would make accuracy (and divergence) meaningless.
+    greedy = SamplingParams(temperature=0, max_tokens=max_tokens)
+    samples: list[Sample] = []
     reference_tokens: list[list[int]] = []
-    per_pair: dict[str, list[dict]] = {}
-    for pair in pairs:
+    reference_scores: list[torch.Tensor] = []  # [len(continuation) + 1, vocab] each, on the host
+    result = FidelityResult(model, max_tokens)
+    for index, pair in enumerate(pairs, start=1):
+        print(f"mixquant fidelity: {pair} ({index}/{len(pairs)})", file=sys.stderr)
         prefill, decode = pair.split("/")
         llm = LLM(model, prefill_precision=prefill, decode_precision=decode, **engine_kwargs)
-        samples = tokenize(llm, rows)
+        if pair == REFERENCE:
+            samples = tokenize(llm, rows, enable_thinking)
+            reference = llm.generate([s.prompt_ids for s in samples], greedy, use_tqdm=False)
+            reference_tokens = [list(o.outputs[0].token_ids) for o in reference]
+            reference_scores = [llm.engine.teacher_forced_logprobs(s.prompt_ids, tokens).cpu()
+                                for s, tokens in zip(samples, reference_tokens)]
+        # The reference measures itself again like any pair (a second scoring run, a second generation that now
+        # hits the prefix cache): anything but KL 0 and agreement 1 there is engine noise, or a bug here.
         outputs = [o.outputs[0] for o in llm.generate([s.prompt_ids for s in samples], greedy, use_tqdm=False)]
-        if not reference_tokens:
-            reference_tokens = [o.token_ids for o in outputs]
         records = []
-        for i, (sample, out) in enumerate(zip(samples, outputs)):
-            scores = llm.engine.teacher_forced_logprobs(sample.prompt_ids, reference_tokens[i]).cpu()
-            if len(reference_scores) < len(samples):
-                reference_scores.append(scores)
-            kl = kl_divergence(reference_scores[i], scores)
-            records.append({"prompt_tokens": len(sample.prompt_ids), "kl": kl.tolist(),
-                            "top1_agreement": top1_agreement(reference_scores[i], scores),
-                            "first_divergence": first_divergence(reference_tokens[i], out.token_ids),
-                            "correct": None if sample.answer is None else is_correct(out.text, sample.answer)})
-        per_pair[pair] = records
-        del llm
+        for sample, out, tokens, ref in zip(samples, outputs, reference_tokens, reference_scores):
+            scores = llm.engine.teacher_forced_logprobs(sample.prompt_ids, tokens).cpu()
+            records.append(PromptResult(
+                prompt_tokens=len(sample.prompt_ids), kl=kl_divergence(ref, scores).tolist(),
+                top1_agreement=top1_agreement(ref, scores), first_divergence=first_divergence(tokens, out.token_ids),
+                correct=None if sample.answer is None else is_correct(out.text, sample.answer)))
+        result.pairs[pair] = summarize(records)
+        del llm, outputs
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return {"model": model, "max_tokens": max_tokens, "pairs": {p: summarize(r) for p, r in per_pair.items()}}
+    return result
 
 
-def summarize(records: list[dict]) -> dict:
-    """Per context bucket present, plus 'all'."""
-    groups = {"all": records}
+def summarize(records: list[PromptResult]) -> dict[str, Stats]:
+    """'all', plus each length bucket present when the prompts span more than one."""
+    groups = {ALL: records}
     for low, high, name in BUCKETS:
-        members = [r for r in records if low <= r["prompt_tokens"] < high]
+        members = [r for r in records if low <= r.prompt_tokens < high]
         if members and len(members) < len(records):
             groups[name] = members
-    return {name: _stats(members) for name, members in groups.items()}
+    return {name: bucket_stats(members) for name, members in groups.items()}
 
 
-def _stats(records: list[dict]) -> dict:
-    kl = sorted(v for r in records for v in r["kl"])
-    graded = [r["correct"] for r in records if r["correct"] is not None]
-    stats = {"n": len(records), "kl_mean": statistics.fmean(kl), "kl_p99": kl[min(len(kl) - 1, int(0.99 * len(kl)))],
-             "top1_agreement": statistics.fmean(r["top1_agreement"] for r in records),
-             "first_divergence_mean": statistics.fmean(r["first_divergence"] for r in records)}
+def bucket_stats(records: list[PromptResult]) -> Stats:
+    kl = [v for r in records for v in r.kl]
+    # per token, like KL: a prompt with a longer continuation weighs more
+    agreement = sum(r.top1_agreement * len(r.kl) for r in records) / len(kl)
+    stats = Stats(n=len(records), kl_mean=statistics.fmean(kl), kl_p99=percentile(kl, 99),
+                  top1_agreement=agreement,
+                  first_divergence_mean=statistics.fmean(r.first_divergence for r in records))
+    graded = [r.correct for r in records if r.correct is not None]
     if graded:
-        stats.update(accuracy=sum(graded) / len(graded), accuracy_n=len(graded),
-                     accuracy_ci95=wilson_interval(sum(graded), len(graded)))
+        stats.accuracy, stats.accuracy_n = sum(graded) / len(graded), len(graded)
+        stats.accuracy_ci95 = wilson_interval(sum(graded), len(graded))
     return stats
 
 
-def markdown(result: dict) -> str:
-    lines = ["| pair | bucket | n | KL mean | KL p99 | top-1 agreement | first divergence | accuracy (95% CI) |",
+def markdown(result: FidelityResult) -> str:
+    lines = [f"Against {REFERENCE} on {result.model}, greedy, up to {result.max_tokens} generated tokens.", "",
+             "| pair | prompt tokens | n | KL mean | KL p99 | top-1 agreement | first divergence | accuracy (95% CI) |",
              "|---|---|---|---|---|---|---|---|"]
-    for pair, buckets in result["pairs"].items():
-        for bucket, s in buckets.items():
-            acc = (f"{s['accuracy']:.2f} ({s['accuracy_ci95'][0]:.2f}-{s['accuracy_ci95'][1]:.2f}, "
-                   f"n={s['accuracy_n']})" if "accuracy" in s else "-")
-            lines.append(f"| {pair} | {bucket} | {s['n']} | {s['kl_mean']:.3g} | {s['kl_p99']:.3g} | "
-                         f"{s['top1_agreement']:.3f} | {s['first_divergence_mean']:.1f} | {acc} |")
+    for pair, buckets in result.pairs.items():
+        for bucket in result.buckets:
+            if (s := buckets.get(bucket)) is None:
+                continue
+            acc = "-" if s.accuracy is None else \
+                f"{s.accuracy:.2f} ({s.accuracy_ci95[0]:.2f}-{s.accuracy_ci95[1]:.2f}, n={s.accuracy_n})"
+            lines.append(f"| {pair} | {bucket} | {s.n} | {s.kl_mean:.3g} | {s.kl_p99:.3g} | "
+                         f"{s.top1_agreement:.3f} | {s.first_divergence_mean:.1f} | {acc} |")
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path):
+def plot(result: FidelityResult, path: Path):
+    """Two panels of bars, one series per length bucket: mean KL, and accuracy (with its 95% interval) where the
+    prompts have gold answers, else top-1 agreement."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = list(result["pairs"])
-    buckets = sorted({b for s in result["pairs"].values() for b in s})
-    fig, (ax_kl, ax_agree) = plt.subplots(1, 2, figsize=(11, 4))
+    pairs, buckets = list(result.pairs), result.buckets
+    fig, (ax_kl, ax_right) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(buckets)
     for j, bucket in enumerate(buckets):
-        xs = [i + j * width for i in range(len(pairs))]
-        stats = [result["pairs"][p].get(bucket) for p in pairs]
-        ax_kl.bar(xs, [s["kl_mean"] if s else 0 for s in stats], width, label=bucket)
-        ax_agree.bar(xs, [s["top1_agreement"] if s else 0 for s in stats], width, label=bucket)
-    for ax, title in ((ax_kl, "mean KL to bf16/bf16 (teacher-forced)"), (ax_agree, "top-1 agreement")):
+        xs = [i + j * width for i in range(len(pairs)) if bucket in result.pairs[pairs[i]]]
+        stats = [result.pairs[p][bucket] for p in pairs if bucket in result.pairs[p]]
+        ax_kl.bar(xs, [s.kl_mean for s in stats], width, label=bucket)
+        if result.has_accuracy:
+            graded = [(x, s) for x, s in zip(xs, stats) if s.accuracy is not None]
+            errors = [[s.accuracy - s.accuracy_ci95[0] for _, s in graded],
+                      [s.accuracy_ci95[1] - s.accuracy for _, s in graded]]
+            ax_right.bar([x for x, _ in graded], [s.accuracy for _, s in graded], width, yerr=errors, capsize=3,
+                         label=bucket)
+        else:
+            ax_right.bar(xs, [s.top1_agreement for s in stats], width, label=bucket)
+    titles = ("mean KL to bf16/bf16 (teacher-forced)",
+              "accuracy (95% Wilson interval)" if result.has_accuracy else "top-1 agreement with bf16/bf16")
+    for ax, title in zip((ax_kl, ax_right), titles):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(pairs))], pairs)
         ax.set_title(title)
-        ax.legend()
+        ax.legend(title="prompt tokens")
+    ax_right.set_ylim(0, 1.05)
+    fig.suptitle(result.model)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_outputs(result: FidelityResult, output_dir: Path) -> str:
+    """fidelity.json, fidelity.md and fidelity.png; returns the markdown."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "fidelity.json").write_text(json.dumps(result.to_dict(), indent=2))
+    table = markdown(result)
+    (output_dir / "fidelity.md").write_text(table + "\n")
+    plot(result, output_dir / "fidelity.png")
+    return table
