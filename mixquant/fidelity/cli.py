@@ -5,7 +5,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 # the paper's pairs and their two baselines
 DEFAULT_PAIRS = "bf16/bf16,fp8/bf16,nvfp4/bf16,fp8/fp8,nvfp4/nvfp4"
 
@@ -33,8 +32,15 @@ def register(subparsers):
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixquant.fidelity.run import (DEFAULT_PROMPTS, FidelityInputError, parse_pairs, read_prompts, read_tasks,
-                                       run_fidelity, write_outputs)
+    from mixquant.fidelity.run import (
+        DEFAULT_PROMPTS,
+        FidelityInputError,
+        parse_pairs,
+        read_prompts,
+        read_tasks,
+        run_fidelity,
+        write_outputs,
+    )
 
     # every input is checked before a model loads: a typo should not cost a checkpoint download
     try:

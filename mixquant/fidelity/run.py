@@ -19,7 +19,13 @@ import torch
 
 from mixquant.config import PRECISIONS
 from mixquant.eval.scoring import last_boxed, math_equal
-from mixquant.fidelity.metrics import first_divergence, kl_divergence, percentile, top1_agreement, wilson_interval
+from mixquant.fidelity.metrics import (
+    first_divergence,
+    kl_divergence,
+    percentile,
+    top1_agreement,
+    wilson_interval,
+)
 from mixquant.llm import LLM
 from mixquant.sampling_params import SamplingParams
 

@@ -6,7 +6,13 @@ import math
 import pytest
 import torch
 
-from mixquant.fidelity.metrics import first_divergence, kl_divergence, percentile, top1_agreement, wilson_interval
+from mixquant.fidelity.metrics import (
+    first_divergence,
+    kl_divergence,
+    percentile,
+    top1_agreement,
+    wilson_interval,
+)
 
 
 def test_kl_of_identical_distributions_is_exactly_zero():
