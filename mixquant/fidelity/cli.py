@@ -11,14 +11,16 @@ DEFAULT_PAIRS = "bf16/bf16,fp8/bf16,nvfp4/bf16,fp8/fp8,nvfp4/nvfp4"
 
 def register(subparsers):
     p = subparsers.add_parser("fidelity", help="what each precision pair costs against bf16/bf16 on a model")
-    p.add_argument("model", help="checkpoint folder or Hugging Face id")
+    p.add_argument("model", help="checkpoint folder or Hugging Face id (mixquant-tiny: the bundled model)")
     p.add_argument("--pairs", default=DEFAULT_PAIRS,
                    help="comma-separated PREFILL/DECODE pairs; bf16/bf16 always runs, as the reference "
                         "(default: %(default)s)")
     p.add_argument("--prompts", help="JSONL: 'prompt' (text) or 'messages' (chat), optional gold 'answer'; "
                                      "default (with no --tasks either): a small built-in set")
-    p.add_argument("--tasks", help="JSONL of prompts that all carry a gold 'answer' (added to --prompts); "
-                                   "the bundled model's generated tasks ('tiny') are not available yet")
+    p.add_argument("--tasks", help="JSONL of prompts that all carry a gold 'answer' (added to --prompts), or "
+                                   "'tiny': held-out examples of the bundled model's generated agentic tasks")
+    p.add_argument("--task-count", type=int, default=100,
+                   help="with --tasks tiny: held-out examples of each task (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=64, help="greedy tokens generated per prompt (default: 64)")
     p.add_argument("--limit", type=int, help="only the first N prompts")
     p.add_argument("--enable-thinking", action="store_true",
@@ -46,10 +48,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.max_tokens < 1:
             raise FidelityInputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        if args.task_count < 1:
+            raise FidelityInputError(f"--task-count must be >= 1, got {args.task_count}")
         if args.limit is not None and args.limit < 1:
             raise FidelityInputError(f"--limit must be >= 1, got {args.limit}")
         pairs = parse_pairs(args.pairs)
-        rows = (read_prompts(args.prompts) if args.prompts else []) + (read_tasks(args.tasks) if args.tasks else [])
+        rows = (read_prompts(args.prompts) if args.prompts else []) + (read_tasks(args.tasks, args.task_count) if args.tasks else [])
     except FidelityInputError as error:
         print(f"mixquant fidelity: {error}", file=sys.stderr)
         return 2

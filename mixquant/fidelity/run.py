@@ -48,7 +48,9 @@ DEFAULT_PROMPTS = [
 
 # Prompt-length buckets (tokens): prefill precision touches every prompt token, so long contexts may suffer more.
 BUCKETS = [(0, 512, "<512"), (512, 2048, "512-2k"), (2048, 8192, "2k-8k"), (8192, 1 << 62, ">=8k")]
+BUCKET_NAMES = [name for _, _, name in BUCKETS]
 ALL = "all"
+TINY_TASKS_PER_TASK = 100  # `--tasks tiny`: held-out examples of each task
 
 
 class FidelityInputError(ValueError):
@@ -59,6 +61,7 @@ class FidelityInputError(ValueError):
 class Sample:
     prompt_ids: list[int]
     answer: str | None
+    task: str | None
 
 
 @dataclass
@@ -66,6 +69,7 @@ class PromptResult:
     """One pair on one prompt."""
 
     prompt_tokens: int
+    task: str | None
     kl: list[float]  # per scored position
     top1_agreement: float
     first_divergence: int
@@ -90,7 +94,7 @@ class Stats:
 class FidelityResult:
     model: str
     max_tokens: int
-    pairs: dict[str, dict[str, Stats]] = field(default_factory=dict)  # pair -> bucket -> stats
+    pairs: dict[str, dict[str, Stats]] = field(default_factory=dict)  # pair -> group -> stats
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,10 +104,15 @@ class FidelityResult:
         return any(s.accuracy is not None for buckets in self.pairs.values() for s in buckets.values())
 
     @property
-    def buckets(self) -> list[str]:
-        """Bucket names present, in length order, 'all' first."""
-        present = {b for buckets in self.pairs.values() for b in buckets}
-        return [name for name in [ALL] + [b[2] for b in BUCKETS] if name in present]
+    def groups(self) -> list[str]:
+        """Group names present, in the order `summarize` makes them ('all', length buckets, then tasks)."""
+        return list(dict.fromkeys(g for groups in self.pairs.values() for g in groups))
+
+    @property
+    def plotted_groups(self) -> list[str]:
+        """One bar series each: the tasks when prompts carry one, else the length buckets."""
+        tasks = [g for g in self.groups if g != ALL and g not in BUCKET_NAMES and " " not in g]
+        return tasks or [g for g in self.groups if g in BUCKET_NAMES] or [ALL]
 
 
 def parse_pairs(text: str) -> list[str]:
@@ -119,7 +128,8 @@ def parse_pairs(text: str) -> list[str]:
 
 
 def read_prompts(path: str | None, require_answer: bool = False) -> list[dict]:
-    """JSONL rows with a 'prompt' string or a 'messages' chat list, and an optional gold 'answer' string."""
+    """JSONL rows with a 'prompt' string or a 'messages' chat list, an optional gold 'answer' string, optional
+    'tools' (OpenAI schemas, for 'messages') and an optional 'task' name to group results by."""
     file = Path(path)
     if not file.is_file():
         raise FidelityInputError(f"{path} does not exist")
@@ -136,6 +146,10 @@ def read_prompts(path: str | None, require_answer: bool = False) -> list[dict]:
             raise FidelityInputError(f"{path} line {number}: needs a 'prompt' string or a 'messages' list")
         if "answer" in row and not isinstance(row["answer"], str):
             raise FidelityInputError(f"{path} line {number}: 'answer' must be a string")
+        if "task" in row and not (isinstance(row["task"], str) and row["task"].strip() and " " not in row["task"]):
+            raise FidelityInputError(f"{path} line {number}: 'task' must be a name without spaces")
+        if "tools" in row and not (isinstance(row["tools"], list) and "messages" in row):
+            raise FidelityInputError(f"{path} line {number}: 'tools' must be a list, next to 'messages'")
         if require_answer and "answer" not in row:
             raise FidelityInputError(f"{path} line {number}: a task needs a gold 'answer'")
         rows.append(row)
@@ -144,14 +158,13 @@ def read_prompts(path: str | None, require_answer: bool = False) -> list[dict]:
     return rows
 
 
-def read_tasks(spec: str) -> list[dict]:
-    """`--tasks`: a JSONL of prompts that all carry gold answers.
-
-    The hook for generated task sets: the bundled model's task generator (`--tasks tiny`) comes with it.
-    """
+def read_tasks(spec: str, per_task: int = TINY_TASKS_PER_TASK) -> list[dict]:
+    """`--tasks`: a JSONL of prompts that all carry gold answers, or `tiny`: the held-out examples of the bundled
+    model's task generator (`mixquant.tiny.tasks`, seeds 0..per_task-1 of each task)."""
     if spec == "tiny":
-        raise FidelityInputError("--tasks tiny is not available yet: it comes with the bundled mixquant-tiny model "
-                                 "(issue 6); pass a JSONL file of prompts with answers meanwhile")
+        from mixquant.tiny import tasks
+
+        return [example.to_row() for task in tasks.TASKS for example in tasks.heldout(task, per_task)]
     return read_prompts(spec, require_answer=True)
 
 
@@ -160,12 +173,12 @@ def tokenize(llm: LLM, rows: list[dict], enable_thinking: bool) -> list[Sample]:
     samples = []
     for row in rows:
         if "messages" in row:
-            text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True,
-                                                 enable_thinking=enable_thinking)
+            text = tokenizer.apply_chat_template(row["messages"], tools=row.get("tools"), tokenize=False,
+                                                 add_generation_prompt=True, enable_thinking=enable_thinking)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote the special tokens
         else:
             ids = llm.engine.tokenize(row["prompt"])  # as `LLM.generate` would for the text
-        samples.append(Sample(ids, row.get("answer")))
+        samples.append(Sample(ids, row.get("answer"), row.get("task")))
     return samples
 
 
@@ -207,7 +220,7 @@ def run_fidelity(model: str, pairs: list[str], rows: list[dict], max_tokens: int
         for sample, out, tokens, ref in zip(samples, outputs, reference_tokens, reference_scores):
             scores = llm.engine.teacher_forced_logprobs(sample.prompt_ids, tokens).cpu()
             records.append(PromptResult(
-                prompt_tokens=len(sample.prompt_ids), kl=kl_divergence(ref, scores).tolist(),
+                prompt_tokens=len(sample.prompt_ids), task=sample.task, kl=kl_divergence(ref, scores).tolist(),
                 top1_agreement=top1_agreement(ref, scores), first_divergence=first_divergence(tokens, out.token_ids),
                 correct=None if sample.answer is None else is_correct(out.text, sample.answer)))
         result.pairs[pair] = summarize(records)
@@ -218,13 +231,24 @@ def run_fidelity(model: str, pairs: list[str], rows: list[dict], max_tokens: int
     return result
 
 
-def summarize(records: list[PromptResult]) -> dict[str, Stats]:
-    """'all', plus each length bucket present when the prompts span more than one."""
-    groups = {ALL: records}
+def length_groups(records: list[PromptResult], prefix: str = "") -> dict[str, list[PromptResult]]:
+    """Each length bucket present, when the records span more than one."""
+    groups = {}
     for low, high, name in BUCKETS:
         members = [r for r in records if low <= r.prompt_tokens < high]
         if members and len(members) < len(records):
-            groups[name] = members
+            groups[prefix + name] = members
+    return groups
+
+
+def summarize(records: list[PromptResult]) -> dict[str, Stats]:
+    """'all' and its length buckets; then, for prompts that name a task, each task ('retrieval') and its length
+    buckets ('retrieval 512-2k')."""
+    groups = {ALL: records, **length_groups(records)}
+    for task in dict.fromkeys(r.task for r in records if r.task is not None):
+        members = [r for r in records if r.task == task]
+        groups[task] = members
+        groups.update(length_groups(members, prefix=f"{task} "))
     return {name: bucket_stats(members) for name, members in groups.items()}
 
 
@@ -244,48 +268,49 @@ def bucket_stats(records: list[PromptResult]) -> Stats:
 
 def markdown(result: FidelityResult) -> str:
     lines = [f"Against {REFERENCE} on {result.model}, greedy, up to {result.max_tokens} generated tokens.", "",
-             "| pair | prompt tokens | n | KL mean | KL p99 | top-1 agreement | first divergence | accuracy (95% CI) |",
+             "| pair | prompts (task, prompt tokens) | n | KL mean | KL p99 | top-1 agreement | first divergence "
+             "| accuracy (95% CI) |",
              "|---|---|---|---|---|---|---|---|"]
-    for pair, buckets in result.pairs.items():
-        for bucket in result.buckets:
-            if (s := buckets.get(bucket)) is None:
+    for pair, groups in result.pairs.items():
+        for group in result.groups:
+            if (s := groups.get(group)) is None:
                 continue
             acc = "-" if s.accuracy is None else \
                 f"{s.accuracy:.2f} ({s.accuracy_ci95[0]:.2f}-{s.accuracy_ci95[1]:.2f}, n={s.accuracy_n})"
-            lines.append(f"| {pair} | {bucket} | {s.n} | {s.kl_mean:.3g} | {s.kl_p99:.3g} | "
+            lines.append(f"| {pair} | {group} | {s.n} | {s.kl_mean:.3g} | {s.kl_p99:.3g} | "
                          f"{s.top1_agreement:.3f} | {s.first_divergence_mean:.1f} | {acc} |")
     return "\n".join(lines)
 
 
 def plot(result: FidelityResult, path: Path):
-    """Two panels of bars, one series per length bucket: mean KL, and accuracy (with its 95% interval) where the
-    prompts have gold answers, else top-1 agreement."""
+    """Two panels of bars, one series per task (or per length bucket when prompts name no task): mean KL, and
+    accuracy (with its 95% interval) where the prompts have gold answers, else top-1 agreement."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs, buckets = list(result.pairs), result.buckets
+    pairs, series = list(result.pairs), result.plotted_groups
     fig, (ax_kl, ax_right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.8 / len(buckets)
-    for j, bucket in enumerate(buckets):
-        xs = [i + j * width for i in range(len(pairs)) if bucket in result.pairs[pairs[i]]]
-        stats = [result.pairs[p][bucket] for p in pairs if bucket in result.pairs[p]]
-        ax_kl.bar(xs, [s.kl_mean for s in stats], width, label=bucket)
+    width = 0.8 / len(series)
+    for j, group in enumerate(series):
+        xs = [i + j * width for i in range(len(pairs)) if group in result.pairs[pairs[i]]]
+        stats = [result.pairs[p][group] for p in pairs if group in result.pairs[p]]
+        ax_kl.bar(xs, [s.kl_mean for s in stats], width, label=group)
         if result.has_accuracy:
             graded = [(x, s) for x, s in zip(xs, stats) if s.accuracy is not None]
             errors = [[s.accuracy - s.accuracy_ci95[0] for _, s in graded],
                       [s.accuracy_ci95[1] - s.accuracy for _, s in graded]]
             ax_right.bar([x for x, _ in graded], [s.accuracy for _, s in graded], width, yerr=errors, capsize=3,
-                         label=bucket)
+                         label=group)
         else:
-            ax_right.bar(xs, [s.top1_agreement for s in stats], width, label=bucket)
+            ax_right.bar(xs, [s.top1_agreement for s in stats], width, label=group)
     titles = ("mean KL to bf16/bf16 (teacher-forced)",
               "accuracy (95% Wilson interval)" if result.has_accuracy else "top-1 agreement with bf16/bf16")
     for ax, title in zip((ax_kl, ax_right), titles):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(pairs))], pairs)
         ax.set_title(title)
-        ax.legend(title="prompt tokens")
+        ax.legend(title="task" if series[0] not in BUCKET_NAMES + [ALL] else "prompt tokens")
     ax_right.set_ylim(0, 1.05)
     fig.suptitle(result.model)
     fig.tight_layout()

@@ -13,10 +13,15 @@ CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja",
 
 
 def resolve_model_path(name_or_path: str, revision: str | None = None) -> Path:
-    """A local folder as is; otherwise a Hugging Face id, fetched through huggingface_hub (HF_HUB_OFFLINE honoured)."""
+    """A local folder as is; `mixquant-tiny`, the bundled model; otherwise a Hugging Face id, fetched through
+    huggingface_hub (HF_HUB_OFFLINE honoured)."""
+    from mixquant import tiny
+
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if name_or_path == tiny.NAME:
+        return tiny.bundled_model_path()
     if path.exists():
         raise ValueError(f"model {name_or_path!r} is a file; pass the checkpoint's folder or a Hugging Face id")
     from huggingface_hub import snapshot_download

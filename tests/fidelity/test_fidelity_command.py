@@ -72,7 +72,9 @@ def test_buckets_tasks_and_default_reference(tiny_qwen3, tmp_path):
     ('{"prompt": "hi"}\nnot json\n', ["--prompts", "{file}"], "line 2: not JSON"),
     ('{"prompt": "hi", "answer": 4}\n', ["--prompts", "{file}"], "'answer' must be a string"),
     ('{"prompt": "hi"}\n', ["--tasks", "{file}"], "line 1: a task needs a gold 'answer'"),
-    (None, ["--tasks", "tiny"], "--tasks tiny is not available yet"),
+    (None, ["--tasks", "tiny", "--task-count", "0"], "--task-count must be >= 1"),
+    ('{"messages": [], "tools": {}}\n', ["--prompts", "{file}"], "'tools' must be a list"),
+    ('{"prompt": "hi", "task": "two words"}\n', ["--prompts", "{file}"], "'task' must be a name"),
     (None, ["--max-tokens", "0"], "--max-tokens must be >= 1"),
 ])
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys, content, argv, message):

@@ -1,0 +1,77 @@
+"""Held-out accuracy of a model on the generated tasks, through the mixquant engine.
+
+    python -m mixquant.tiny.evaluate [MODEL] [--count 200] [--prefill-precision bf16] [--decode-precision bf16]
+
+Greedy, the prompt rendered with the model's chat template as the server renders it; an answer is correct when the
+generated text contains the example's gold string. MODEL defaults to the bundled mixquant-tiny.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+from mixquant.tiny import bundled_model_path, tasks
+
+LENGTH_BUCKETS = ((0, 512, "<512"), (512, 2048, "512-2k"), (2048, 4097, "2k-4k"))
+
+
+def length_bucket(tokens: int) -> str:
+    return next(name for low, high, name in LENGTH_BUCKETS if low <= tokens < high)
+
+
+def prompt_ids(tokenizer, example: tasks.Example) -> list[int]:
+    text = tokenizer.apply_chat_template(example.prompt_messages, tools=example.tools, tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def evaluate(llm, examples: list[tasks.Example], max_tokens: int = 160) -> dict:
+    """{'by_task': {task: {bucket: [correct, n]}}, 'failures': a few wrong answers to look at}."""
+    from mixquant.sampling_params import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    prompts = [prompt_ids(tokenizer, e) for e in examples]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
+    counts: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    failures = []
+    for example, ids, out in zip(examples, prompts, outputs):
+        text = out.outputs[0].text
+        correct = example.answer in text
+        for bucket in ("all", length_bucket(len(ids))):
+            counts[example.task][bucket][0] += correct
+            counts[example.task][bucket][1] += 1
+        if not correct and len(failures) < 12:
+            failures.append({"task": example.task, "prompt_tokens": len(ids), "gold": example.answer,
+                             "output": text[-300:]})
+    return {"by_task": {t: dict(b) for t, b in counts.items()}, "failures": failures}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mixquant import LLM
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default=str(bundled_model_path()))
+    parser.add_argument("--count", type=int, default=200, help="held-out examples per task")
+    parser.add_argument("--tasks", default=",".join(tasks.TASKS))
+    parser.add_argument("--prefill-precision", default="bf16")
+    parser.add_argument("--decode-precision", default="bf16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", help="write the result as JSON here too")
+    args = parser.parse_args(argv)
+    examples = [e for task in args.tasks.split(",") for e in tasks.heldout(task, args.count)]
+    llm = LLM(args.model, prefill_precision=args.prefill_precision, decode_precision=args.decode_precision,
+              device=args.device)
+    result = evaluate(llm, examples)
+    for task, buckets in result["by_task"].items():
+        print(task, "  ".join(f"{b}: {c}/{n} ({c / n:.1%})" for b, (c, n) in buckets.items()))
+    for failure in result["failures"]:
+        print("FAIL", json.dumps(failure))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,273 @@
+"""Seeded generator of the synthetic agentic tasks `mixquant-tiny` is trained and evaluated on.
+
+Every example is a chat conversation (OpenAI message dicts, optional tool schemas) whose last message is the
+assistant turn the model must produce, plus the gold string that a correct answer contains. The same seed always
+gives the same examples; training draws from seeds that evaluation never uses (`TRAIN_SEED_BASE`).
+
+The four tasks are shaped like agent traffic: long input, short output.
+  retrieval   a long list of records, a question about one or several of them
+  arithmetic  a chain of variable assignments, worked through in <think>, answered in \\boxed{}
+  tool_use    tools declared in the system prompt: a hermes <tool_call>, then an answer from the <tool_response>
+  multi_turn  a session of earlier turns and tool outputs kept in context, then a question about one of them
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+
+TASKS = ("retrieval", "arithmetic", "tool_use", "multi_turn")
+# Evaluation seeds are small integers; training streams start here, so the two never meet.
+TRAIN_SEED_BASE = 1 << 40
+
+FIRST_NAMES = (
+    "Ada Alan Alma Anna Arlo Bea Ben Cara Cleo Dan Dora Eli Ella Emil Eva Finn Gia Gus Hana Hugo Ida Ines Ivan Jade "
+    "Jon Kai Kira Lars Lea Leo Lina Luca Maya Mila Nico Nina Noah Nora Olga Omar Otto Pia Raul Rosa Ruby Sami Sara "
+    "Theo Tina Uma Vera Wade Yara Yuri Zane Zoe").split()
+LAST_NAMES = (
+    "Abbott Baker Brandt Castro Chen Costa Diaz Dubois Evans Fischer Garcia Gray Haas Ito Jensen Khan Kim Klein "
+    "Kowalski Lopez Meyer Moreau Nakamura Novak Olsen Park Patel Petrov Quinn Rossi Sato Schmidt Silva Singh Smith "
+    "Tanaka Torres Vogel Wagner Weber Wong Young Ziegler").split()
+CITIES = (
+    "Amsterdam Athens Berlin Bogota Cairo Chicago Dakar Denver Dublin Havana Helsinki Istanbul Jakarta Kyoto Lagos "
+    "Lima Lisbon London Madrid Manila Melbourne Mumbai Munich Nairobi Oslo Paris Prague Quito Riga Rome Santiago "
+    "Seoul Sydney Taipei Tokyo Toronto Valencia Vienna Warsaw Zurich").split()
+CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "foggy", "snowy", "stormy", "clear")
+ORDER_STATUSES = ("shipped", "delivered", "pending", "cancelled", "returned", "processing")
+SYMBOLS = ("ACME", "BOLT", "CRUX", "DYNA", "EPIC", "FLUX", "GRID", "HALO", "IONX", "JADE", "KITE", "LUMA", "MESA",
+           "NOVA", "ORBT", "PIKE", "QUAD", "RUNE", "SOLA", "TERA")
+VARIABLES = "abcdefghijkmnpqrstuvwxyz"
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+@dataclass
+class Example:
+    task: str
+    messages: list[dict]  # the conversation; the last message is the assistant turn to produce
+    answer: str  # a correct final assistant turn contains this string
+    tools: list[dict] | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def prompt_messages(self) -> list[dict]:
+        return self.messages[:-1]
+
+    def to_row(self) -> dict:
+        """A `mixquant fidelity --tasks` / JSONL row."""
+        row = {"task": self.task, "messages": self.prompt_messages, "answer": self.answer}
+        if self.tools:
+            row["tools"] = self.tools
+        return row
+
+
+# --- records (retrieval, and the long tool outputs of multi-turn sessions) ---------------------------------------
+
+@dataclass
+class Record:
+    id: int
+    name: str
+    city: str
+    value: int
+
+    def line(self) -> str:
+        return f"id {self.id} | name {self.name} | city {self.city} | value {self.value}"
+
+
+def make_records(rng: random.Random, count: int) -> list[Record]:
+    ids = rng.sample(range(100, 10000), count)
+    names = rng.sample([f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES], count)
+    return [Record(i, n, rng.choice(CITIES), rng.randint(1, 999)) for i, n in zip(ids, names)]
+
+
+def record_question(rng: random.Random, records: list[Record]) -> tuple[str, str]:
+    """A question about one or several of the records, and its deterministic answer."""
+    kind = rng.choice(("value_by_id", "name_by_id", "value_by_name", "city_by_name", "several"))
+    r = rng.choice(records)
+    if kind == "value_by_id":
+        return f"What is the value of record {r.id}?", f"Record {r.id} has value {r.value}."
+    if kind == "name_by_id":
+        return f"What is the name on record {r.id}?", f"Record {r.id} is {r.name}."
+    if kind == "value_by_name":
+        return f"What is the value of {r.name}?", f"{r.name} has value {r.value}."
+    if kind == "city_by_name":
+        return f"Which city is {r.name} in?", f"{r.name} is in {r.city}."
+    chosen = rng.sample(records, min(len(records), rng.randint(2, 3)))
+    ids = ", ".join(str(c.id) for c in chosen[:-1]) + f" and {chosen[-1].id}"
+    return f"What are the values of records {ids}?", " ".join(f"Record {c.id} has value {c.value}." for c in chosen)
+
+
+def retrieval(rng: random.Random, max_records: int = 190) -> Example:
+    records = make_records(rng, rng.randint(4, max_records))
+    question, answer = record_question(rng, records)
+    user = "Here are the records:\n" + "\n".join(r.line() for r in records) + f"\n\nQuestion: {question}"
+    return Example("retrieval", [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user},
+                                 {"role": "assistant", "content": answer}], answer,
+                   meta={"records": len(records)})
+
+
+# --- arithmetic and variable tracking ---------------------------------------------------------------------------
+
+def arithmetic(rng: random.Random, max_steps: int = 6) -> Example:
+    names = rng.sample(VARIABLES, rng.randint(2, max_steps) + 1)
+    values = {names[0]: rng.randint(1, 99)}
+    statements, working = [f"{names[0]} = {values[names[0]]}."], []
+    for name in names[1:]:
+        source = rng.choice(list(values))
+        constant = rng.randint(1, 99)
+        op = "-" if rng.random() < 0.4 and values[source] - constant >= 0 else "+"
+        if values[source] + constant > 999:
+            op = "-"
+        result = values[source] + constant if op == "+" else values[source] - constant
+        if result < 0:  # both directions leave 0..999: add instead
+            op, result = "+", values[source] + constant
+        values[name] = result
+        statements.append(f"{name} = {source} {op} {constant}.")
+        working.append(f"{name} = {source} {op} {constant} = {values[source]} {op} {constant} = {result}")
+    target = names[-1]
+    user = ("Track the variables. " + " ".join(statements)
+            + f" What is {target}? Put the final answer in \\boxed{{}}.")
+    answer = f"\\boxed{{{values[target]}}}"
+    assistant = {"role": "assistant", "reasoning_content": "\n".join(working),
+                 "content": f"{target} = {answer}"}
+    return Example("arithmetic", [{"role": "user", "content": user}, assistant], answer,
+                   meta={"steps": len(working)})
+
+
+# --- tools -----------------------------------------------------------------------------------------------------
+
+def tool_schema(tool: str, description: str, **params: str) -> dict:
+    return {"type": "function", "function": {
+        "name": tool, "description": description,
+        "parameters": {"type": "object", "properties": {p: {"type": t} for p, t in params.items()},
+                       "required": list(params)}}}
+
+
+TOOLS = {
+    "get_weather": tool_schema("get_weather", "Current weather in a city.", city="string"),
+    "get_order_status": tool_schema("get_order_status", "Status of an order by its number.", order_id="integer"),
+    "get_stock_price": tool_schema("get_stock_price", "Latest price of a stock ticker.", symbol="string"),
+    "get_population": tool_schema("get_population", "Population of a city, in thousands.", city="string"),
+    "lookup_employee": tool_schema("lookup_employee", "An employee's department and office.", name="string"),
+}
+
+
+@dataclass
+class ToolTurn:
+    """One use of a tool: the user's request, the call, what the tool returned, and the answer drawn from it."""
+
+    question: str
+    name: str
+    arguments: dict
+    response: dict
+    answer: str
+    recall: str  # the same fact asked for again later in a session
+    recall_answer: str
+
+    def call_text(self) -> str:
+        """The call as the chat template renders it (and as the hermes parser reads it)."""
+        return json.dumps({"name": self.name, "arguments": self.arguments})
+
+
+def tool_turn(rng: random.Random) -> ToolTurn:
+    name = rng.choice(list(TOOLS))
+    if name == "get_weather":
+        city, temp, cond = rng.choice(CITIES), rng.randint(-15, 40), rng.choice(CONDITIONS)
+        q = rng.choice((f"What is the weather in {city}?", f"How is the weather in {city} right now?"))
+        ans = f"It is {temp} degrees and {cond} in {city}."
+        return ToolTurn(q, name, {"city": city}, {"city": city, "temperature_c": temp, "condition": cond}, ans,
+                        f"What was the temperature in {city}?", ans)
+    if name == "get_order_status":
+        order, status = rng.randint(10000, 99999), rng.choice(ORDER_STATUSES)
+        q = rng.choice((f"Where is my order {order}?", f"What is the status of order {order}?"))
+        ans = f"Order {order} is {status}."
+        return ToolTurn(q, name, {"order_id": order}, {"order_id": order, "status": status}, ans,
+                        f"What was the status of order {order}?", ans)
+    if name == "get_stock_price":
+        symbol, price = rng.choice(SYMBOLS), rng.randint(5, 950)
+        q = rng.choice((f"What is {symbol} trading at?", f"Give me the stock price of {symbol}."))
+        ans = f"{symbol} is at {price} dollars."
+        return ToolTurn(q, name, {"symbol": symbol}, {"symbol": symbol, "price_usd": price}, ans,
+                        f"What was the price of {symbol}?", ans)
+    if name == "get_population":
+        city, thousands = rng.choice(CITIES), rng.randint(50, 9999)
+        q = rng.choice((f"How many people live in {city}?", f"What is the population of {city}?"))
+        ans = f"{city} has {thousands} thousand people."
+        return ToolTurn(q, name, {"city": city}, {"city": city, "population_thousands": thousands}, ans,
+                        f"What was the population of {city}?", ans)
+    person = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+    dept, office = rng.choice(("sales", "legal", "research", "finance", "support")), rng.randint(100, 999)
+    q = rng.choice((f"Which department is {person} in?", f"Find the office of {person}."))
+    ans = f"{person} works in {dept}, office {office}."
+    return ToolTurn(q, name, {"name": person}, {"name": person, "department": dept, "office": office}, ans,
+                    f"Which office was {person} in?", ans)
+
+
+def tools_for(rng: random.Random, needed: set[str]) -> list[dict]:
+    extra = rng.sample(sorted(set(TOOLS) - needed), rng.randint(0, len(TOOLS) - len(needed)))
+    names = sorted(needed | set(extra), key=lambda _: rng.random())
+    return [TOOLS[n] for n in names]
+
+
+def call_messages(turn: ToolTurn) -> list[dict]:
+    """The assistant's call and the tool's reply, as an OpenAI client sends them back."""
+    call = {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": turn.name, "arguments": turn.arguments}}]}
+    return [call, {"role": "tool", "content": json.dumps(turn.response)}]
+
+
+def tool_use(rng: random.Random, stage: str | None = None) -> Example:
+    """Ends at the tool call (stage 'call') or at the answer from the tool's response (stage 'answer')."""
+    stage = stage or rng.choice(("call", "answer"))
+    turn = tool_turn(rng)
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": turn.question}]
+    call, response = call_messages(turn)
+    if stage == "call":
+        return Example("tool_use", messages + [call], turn.call_text(), tools_for(rng, {turn.name}),
+                       meta={"stage": "call"})
+    return Example("tool_use", messages + [call, response, {"role": "assistant", "content": turn.answer}],
+                   turn.answer, tools_for(rng, {turn.name}), meta={"stage": "answer"})
+
+
+# --- multi-turn sessions ---------------------------------------------------------------------------------------
+
+def multi_turn(rng: random.Random, max_turns: int = 10, max_records: int = 100) -> Example:
+    """Earlier turns (tool uses, and record lists shared by the user) stay in context; the last question asks
+    about one of them."""
+    turns: list[ToolTurn] = []
+    for _ in range(rng.randint(1, max_turns)):
+        turn = tool_turn(rng)
+        if all(turn.recall != t.recall for t in turns):  # each later question has one answer
+            turns.append(turn)
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    facts = []  # (question, answer) about something said earlier in the session
+    record_turn = rng.randrange(len(turns) + 1) if rng.random() < 0.6 else None
+    for index, turn in enumerate(turns):
+        if index == record_turn:
+            records = make_records(rng, rng.randint(4, max_records))
+            messages += [{"role": "user", "content": "Keep these records for later:\n"
+                                                     + "\n".join(r.line() for r in records)},
+                         {"role": "assistant", "content": f"Noted {len(records)} records."}]
+            facts.append(record_question(rng, records))
+        messages += [{"role": "user", "content": turn.question}, *call_messages(turn),
+                     {"role": "assistant", "content": turn.answer}]
+        facts.append((turn.recall, turn.recall_answer))
+    question, answer = rng.choice(facts)
+    messages += [{"role": "user", "content": f"Earlier in this conversation: {question}"},
+                 {"role": "assistant", "content": answer}]
+    return Example("multi_turn", messages, answer, tools_for(rng, {t.name for t in turns}),
+                   meta={"turns": len(turns), "records": record_turn is not None})
+
+
+GENERATORS = {"retrieval": retrieval, "arithmetic": arithmetic, "tool_use": tool_use, "multi_turn": multi_turn}
+
+
+def generate(task: str, seed: int, **sizes) -> Example:
+    """The example of `task` for `seed`: the same on every machine and every call."""
+    if task not in GENERATORS:
+        raise ValueError(f"unknown task {task!r}; the tasks are {', '.join(TASKS)}")
+    return GENERATORS[task](random.Random(f"{task}:{seed}"), **sizes)
+
+
+def heldout(task: str, count: int, **sizes) -> list[Example]:
+    """The evaluation set of a task: seeds 0..count-1, which training never draws."""
+    return [generate(task, seed, **sizes) for seed in range(count)]

@@ -1,0 +1,266 @@
+"""Train `mixquant-tiny` from scratch on the task generator's stream (one GPU, within a 10-minute call).
+
+    python -m mixquant.tiny.train --output-dir OUT [--minutes 7] [--batch-rows 32]
+
+Conversations are rendered with the chat template exactly as the server renders a request (the prompt with its
+generation prompt, tokenized alone) followed by the assistant turn the model must write; only that turn carries
+loss. Examples are packed into rows of 4,096 tokens with a document mask (FlexAttention), so no token attends
+across examples. transformers' Qwen3ForCausalLM is the model; bf16 autocast over fp32 weights, AdamW, warm-up then
+cosine decay over the time budget. OUT receives the checkpoint (BF16 safetensors, config, generation config,
+tokenizer), train_log.jsonl (loss per task, tokens/s) and loss.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mixquant.tiny import tasks
+
+SEQ_LEN = 4096
+NO_THINK_FRACTION = 0.3  # prompts rendered with enable_thinking=False, for tasks that need no working
+
+
+def model_config(vocab_size: int):
+    """About 17M parameters; 384 and 1024 are multiples of the FP8 (16) and NVFP4 (16) block sizes."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=-(-vocab_size // 128) * 128, hidden_size=384, intermediate_size=1024, num_hidden_layers=10,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=64, max_position_embeddings=SEQ_LEN,
+        rope_theta=100000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, dtype="bfloat16")
+
+
+def encode(tokenizer, example: tasks.Example, enable_thinking: bool) -> tuple[list[int], int]:
+    """Token ids of prompt + answer turn, and where the answer starts (the prompt as the server tokenizes it)."""
+    prompt = tokenizer.apply_chat_template(example.prompt_messages, tools=example.tools, tokenize=False,
+                                           add_generation_prompt=True, enable_thinking=enable_thinking)
+    full = tokenizer.apply_chat_template(example.messages, tools=example.tools, tokenize=False)
+    if not full.startswith(prompt):
+        raise RuntimeError(f"{example.task}: the rendered conversation does not extend its prompt")
+    end = full.rindex("<|im_end|>") + len("<|im_end|>")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(prompt):end], add_special_tokens=False)["input_ids"]
+    return prompt_ids + answer_ids, len(prompt_ids)
+
+
+class PackedStream(IterableDataset):
+    """Rows of SEQ_LEN tokens packed from generated examples: input ids, next-token targets (-100 where no loss),
+    positions restarting per example, the example index per token (for the document mask), the task per target."""
+
+    def __init__(self, tokenizer_dir: str, seed: int):
+        self.tokenizer_dir, self.seed = tokenizer_dir, seed
+
+    def __iter__(self):
+        from transformers import AutoTokenizer
+
+        info = get_worker_info()
+        worker = info.id if info else 0
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        rng = random.Random(self.seed * 1000 + worker)
+        counter = 0
+        row = []  # (ids, answer_start, task index)
+        while True:
+            task = rng.randrange(len(tasks.TASKS))
+            example = tasks.generate(tasks.TASKS[task], tasks.TRAIN_SEED_BASE + (self.seed * 1000 + worker) * (1 << 32)
+                                     + counter)
+            counter += 1
+            thinking = example.task == "arithmetic" or rng.random() >= NO_THINK_FRACTION
+            ids, start = encode(tokenizer, example, thinking)
+            if len(ids) > SEQ_LEN:
+                continue
+            if sum(len(r[0]) for r in row) + len(ids) > SEQ_LEN:
+                yield self.pack(row, tokenizer.pad_token_id)
+                row = []
+            row.append((ids, start, task))
+
+    @staticmethod
+    def pack(row, pad_id: int) -> dict[str, torch.Tensor]:
+        input_ids = torch.full((SEQ_LEN,), pad_id, dtype=torch.long)
+        targets = torch.full((SEQ_LEN,), -100, dtype=torch.long)
+        positions = torch.zeros(SEQ_LEN, dtype=torch.long)
+        documents = torch.full((SEQ_LEN,), len(row), dtype=torch.long)  # padding is its own document
+        task_of_target = torch.full((SEQ_LEN,), -1, dtype=torch.long)
+        offset = 0
+        for doc, (ids, start, task) in enumerate(row):
+            n = len(ids)
+            t = torch.tensor(ids)
+            input_ids[offset:offset + n] = t
+            positions[offset:offset + n] = torch.arange(n)
+            documents[offset:offset + n] = doc
+            # the token at position p predicts p + 1; answer tokens start at `start`
+            targets[offset + start - 1:offset + n - 1] = t[start:]
+            task_of_target[offset + start - 1:offset + n - 1] = task
+            offset += n
+        return {"input_ids": input_ids, "targets": targets, "positions": positions, "documents": documents,
+                "task_of_target": task_of_target}
+
+
+def attention_implementation(device: torch.device) -> str:
+    # FlexAttention skips the blocks the document mask removes; it has no backward on CPU, where a dense mask
+    # through SDPA does the same (slowly: CPU runs are for tests).
+    return "flex_attention" if device.type == "cuda" else "sdpa"
+
+
+def document_mask(documents: torch.Tensor, dense: bool):
+    """Causal attention within each packed example: a FlexAttention block mask, or a dense boolean mask."""
+    batch, length = documents.shape
+    if dense:
+        causal = torch.ones(length, length, dtype=torch.bool, device=documents.device).tril()
+        return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def causal_within_document(b, h, q, k):
+        return (documents[b, q] == documents[b, k]) & (q >= k)
+
+    return create_block_mask(causal_within_document, batch, None, length, length, device=documents.device,
+                             _compile=True)
+
+
+def forward(model, batch: dict[str, torch.Tensor], dense_mask: bool) -> torch.Tensor:
+    device = batch["input_ids"].device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model(input_ids=batch["input_ids"], position_ids=batch["positions"],
+                     attention_mask=document_mask(batch["documents"], dense_mask)).logits
+
+
+def learning_rate(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1) -> float:
+    if progress < warmup:
+        return peak * progress / warmup
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup)))))
+
+
+def train(args) -> Path:
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    config = model_config(len(tokenizer))
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    config.bos_token_id = None
+    model = (Qwen3ForCausalLM.from_pretrained(args.init_from, dtype=torch.float32) if args.init_from
+             else Qwen3ForCausalLM(config)).to(device)
+    model.config._attn_implementation = attention_implementation(device)
+    dense_mask = model.config._attn_implementation != "flex_attention"
+    model.train()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"mixquant-tiny: {params / 1e6:.1f}M parameters, vocab {config.vocab_size}", flush=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
+                                  fused=device.type == "cuda")
+    loader = DataLoader(PackedStream(args.tokenizer, args.seed), batch_size=args.batch_rows,
+                        num_workers=args.workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=8 if args.workers else None, persistent_workers=args.workers > 0)
+    budget = args.minutes * 60
+    log = (out / "train_log.jsonl").open("w")
+    start, step, tokens_seen = time.perf_counter(), 0, 0
+    window = {"loss": torch.zeros(len(tasks.TASKS), device=device), "count": torch.zeros(len(tasks.TASKS),
+                                                                                          device=device)}
+    for batch in loader:
+        elapsed = time.perf_counter() - start
+        progress = max(elapsed / budget, step / args.max_steps if args.max_steps else 0.0)
+        if progress >= 1:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(progress, args.lr)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        try:
+            logits = forward(model, batch, dense_mask)
+        except Exception as error:  # noqa: BLE001 - any FlexAttention build failure: train on, with SDPA
+            if dense_mask or step:
+                raise
+            print(f"FlexAttention failed ({type(error).__name__}: {error}); SDPA with a dense mask instead",
+                  flush=True)
+            model.config._attn_implementation, dense_mask = "sdpa", True
+            logits = forward(model, batch, dense_mask)
+        per_token = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
+                                                      reduction="none")
+        mask = batch["targets"].flatten() != -100
+        loss = per_token[mask].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            task = batch["task_of_target"].flatten()[mask]
+            window["loss"].index_add_(0, task, per_token[mask].detach())
+            window["count"].index_add_(0, task, torch.ones_like(task, dtype=torch.float32))
+        step += 1
+        tokens_seen += batch["input_ids"].numel()
+        if step % args.log_every == 0:
+            losses = (window["loss"] / window["count"].clamp(min=1)).tolist()
+            elapsed = time.perf_counter() - start
+            record = {"step": step, "elapsed_s": round(elapsed, 1), "tokens": tokens_seen,
+                      "tokens_per_s": round(tokens_seen / elapsed), "lr": optimizer.param_groups[0]["lr"],
+                      "loss": {t: round(v, 4) for t, v in zip(tasks.TASKS, losses)}}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(json.dumps(record), flush=True)
+            window["loss"].zero_()
+            window["count"].zero_()
+    log.close()
+    print(f"trained {step} steps, {tokens_seen / 1e6:.0f}M tokens in {time.perf_counter() - start:.0f} s", flush=True)
+    save(model, tokenizer, out)
+    plot_loss(out / "train_log.jsonl", out / "loss.png")
+    return out
+
+
+def save(model, tokenizer, out: Path):
+    from transformers import GenerationConfig
+
+    model.config._attn_implementation = "sdpa"
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    eos = [tokenizer.eos_token_id, tokenizer.pad_token_id]  # <|im_end|>, <|endoftext|>
+    GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, do_sample=False).save_pretrained(out)
+
+
+def plot_loss(log_file: Path, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for task in tasks.TASKS:
+        ax.plot([r["tokens"] / 1e6 for r in records], [r["loss"][task] for r in records], label=task)
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("answer-token loss")
+    ax.set_title("mixquant-tiny training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--tokenizer", default=str(Path(__file__).parent / "checkpoint"),
+                        help="tokenizer folder (default: the bundled model's)")
+    parser.add_argument("--minutes", type=float, default=7.0, help="training time budget (default: %(default)s)")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps too (0: no limit)")
+    parser.add_argument("--batch-rows", type=int, default=32, help=f"rows of {SEQ_LEN} tokens per step")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--init-from", help="continue from this checkpoint's weights (a fresh optimizer)")
+    parser.add_argument("--workers", type=int, default=12, help="data generator processes")
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
