@@ -10,9 +10,10 @@ init=${3:-}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 work=/tmp/tiny && rm -rf $work && mkdir -p $work $out
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -m mixquant.tiny.train --output-dir $work/checkpoint --minutes "$minutes" ${init:+--init-from "$init"} \
+python3 -m mixquant.tiny.train --output-dir $work/checkpoint --minutes "$minutes" ${init:+--init-from "$init"} ${TRAIN_ARGS:-} \
   2>&1 | tee $work/train.log
 pack() { (cd $work && tar cf - . | split -b 15M - "$out/tiny.tar.part-"); }
+[ "${EVAL:-1}" = 1 ] || { pack; exit 0; }
 pack  # the checkpoint is safe even if a measurement below runs out of time
 timeout ${EVAL_TIMEOUT:-120} python3 -m mixquant.tiny.evaluate $work/checkpoint --count 200 --output $work/heldout-bf16.json \
   2>&1 | tee $work/heldout.log

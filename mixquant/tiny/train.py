@@ -25,6 +25,11 @@ from mixquant.tiny import tasks
 
 SEQ_LEN = 4096
 NO_THINK_FRACTION = 0.3  # prompts rendered with enable_thinking=False, for tasks that need no working
+# Examples drawn per task. Tool calls are learned first and fastest; record lookup (an induction over multi-token
+# ids) and carrying digits take the most examples. Short record lists teach the lookup sooner: half of the
+# retrieval examples are capped at fewer records than evaluation uses.
+TRAIN_MIX = {"retrieval": 0.35, "arithmetic": 0.3, "tool_use": 0.1, "multi_turn": 0.25}
+SHORT_RETRIEVAL = {"fraction": 0.5, "max_records": (16, 48)}
 
 
 def model_config(vocab_size: int):
@@ -66,10 +71,14 @@ class PackedStream(IterableDataset):
         rng = random.Random(self.seed * 1000 + worker)
         counter = 0
         row = []  # (ids, answer_start, task index)
+        weights = [TRAIN_MIX[t] for t in tasks.TASKS]
         while True:
-            task = rng.randrange(len(tasks.TASKS))
-            example = tasks.generate(tasks.TASKS[task], tasks.TRAIN_SEED_BASE + (self.seed * 1000 + worker) * (1 << 32)
-                                     + counter)
+            task = rng.choices(range(len(tasks.TASKS)), weights)[0]
+            sizes = {}
+            if tasks.TASKS[task] == "retrieval" and rng.random() < SHORT_RETRIEVAL["fraction"]:
+                sizes["max_records"] = rng.choice(SHORT_RETRIEVAL["max_records"])
+            seed = tasks.TRAIN_SEED_BASE + (self.seed * 1000 + worker) * (1 << 32) + counter
+            example = tasks.generate(tasks.TASKS[task], seed, **sizes)
             counter += 1
             thinking = example.task == "arithmetic" or rng.random() >= NO_THINK_FRACTION
             ids, start = encode(tokenizer, example, thinking)
