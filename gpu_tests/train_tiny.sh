@@ -17,7 +17,7 @@ pack() { (cd $work && tar cf - . | split -b 15M - "$out/tiny.tar.part-"); }
 pack  # the checkpoint is safe even if a measurement below runs out of time
 timeout ${EVAL_TIMEOUT:-120} python3 -m mixquant.tiny.evaluate $work/checkpoint --count 200 --output $work/heldout-bf16.json \
   2>&1 | tee $work/heldout.log
-[ "${FIDELITY:-1}" = 1 ] && timeout 200 python3 -m mixquant.cli fidelity $work/checkpoint --tasks tiny --task-count 50 --max-tokens 200 \
+[ "${FIDELITY:-1}" = 1 ] && timeout ${FIDELITY_TIMEOUT:-200} python3 -m mixquant.cli fidelity $work/checkpoint --tasks tiny --task-count ${TASK_COUNT:-50} --max-tokens 200 \
   --output-dir $work/fidelity-gpu 2>&1 | tail -40
 rm -f "$out"/tiny.tar.part-* && pack
 ls -la $out

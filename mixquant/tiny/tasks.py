@@ -70,7 +70,9 @@ class Record:
     value: int
 
     def line(self) -> str:
-        return f"id {self.id} | name {self.name} | city {self.city} | value {self.value}"
+        # Each field a question asks for follows the key it is asked by (id -> value, name; name -> city): a small
+        # model learns such lookups as an induction over the key, where a field far from its key is a second hop.
+        return f"record {self.id}: value {self.value}, name {self.name}, city {self.city}"
 
 
 def make_records(rng: random.Random, count: int) -> list[Record]:
@@ -81,14 +83,12 @@ def make_records(rng: random.Random, count: int) -> list[Record]:
 
 def record_question(rng: random.Random, records: list[Record]) -> tuple[str, str]:
     """A question about one or several of the records, and its deterministic answer."""
-    kind = rng.choice(("value_by_id", "name_by_id", "value_by_name", "city_by_name", "several"))
+    kind = rng.choice(("value_by_id", "name_by_id", "city_by_name", "several"))
     r = rng.choice(records)
     if kind == "value_by_id":
         return f"What is the value of record {r.id}?", f"Record {r.id} has value {r.value}."
     if kind == "name_by_id":
         return f"What is the name on record {r.id}?", f"Record {r.id} is {r.name}."
-    if kind == "value_by_name":
-        return f"What is the value of {r.name}?", f"{r.name} has value {r.value}."
     if kind == "city_by_name":
         return f"Which city is {r.name} in?", f"{r.name} is in {r.city}."
     chosen = rng.sample(records, min(len(records), rng.randint(2, 3)))

@@ -28,7 +28,7 @@ NO_THINK_FRACTION = 0.3  # prompts rendered with enable_thinking=False, for task
 # Examples drawn per task. Tool calls are learned first and fastest; record lookup (an induction over multi-token
 # ids) and carrying digits take the most examples. Short record lists teach the lookup sooner: half of the
 # retrieval examples are capped at fewer records than evaluation uses.
-TRAIN_MIX = {"retrieval": 0.35, "arithmetic": 0.3, "tool_use": 0.1, "multi_turn": 0.25}
+TRAIN_MIX = {"retrieval": 0.5, "arithmetic": 0.15, "tool_use": 0.1, "multi_turn": 0.25}
 SHORT_RETRIEVAL = {"fraction": 0.5, "max_records": (16, 48)}
 
 
