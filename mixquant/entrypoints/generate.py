@@ -1,6 +1,7 @@
 """`mixquant generate`: one completion from the command line."""
 from __future__ import annotations
 
+from mixquant import tiny
 from mixquant.config import PRECISIONS
 
 
@@ -24,7 +25,8 @@ def engine_kwargs(args) -> dict:
 
 def register(subparsers):
     p = subparsers.add_parser("generate", help="print one completion of a prompt")
-    p.add_argument("--model", help="checkpoint folder or Hugging Face id")
+    p.add_argument("--model", default=tiny.NAME,
+                   help=f"checkpoint folder or Hugging Face id (default: {tiny.NAME}, the bundled model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -36,8 +38,6 @@ def register(subparsers):
 def run(args) -> int:
     from mixquant import LLM, SamplingParams
 
-    if not args.model:
-        raise SystemExit("mixquant generate: pass --model (a checkpoint folder or a Hugging Face id)")
     llm = LLM(args.model, **engine_kwargs(args))
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
     if args.chat:

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 
+from mixquant import tiny
 from mixquant.config import PRECISIONS
 from mixquant.server.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
 
@@ -24,7 +25,8 @@ def json_object(text: str) -> dict:
 def register(subparsers):
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (like `vllm serve`)",
                               description=__doc__)
-    p.add_argument("model", nargs="?", help="checkpoint folder or Hugging Face id")
+    p.add_argument("model", nargs="?", default=tiny.NAME,
+                   help=f"checkpoint folder or Hugging Face id (default: {tiny.NAME}, the bundled model)")
 
     http = p.add_argument_group("server")
     http.add_argument("--host", default="127.0.0.1", help="address to bind (default: local connections only)")
@@ -80,10 +82,6 @@ def register(subparsers):
 def serve(args) -> int:
     from mixquant.server.config import load_chat_template
 
-    if args.model is None:
-        print("mixquant serve: pass the model to serve, a checkpoint folder or a Hugging Face id "
-              "(e.g. `mixquant serve Qwen/Qwen3-0.6B`); there is no bundled default model yet", file=sys.stderr)
-        return 2
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         print("mixquant serve: --enable-auto-tool-choice needs --tool-call-parser", file=sys.stderr)
         return 2

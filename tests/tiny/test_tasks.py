@@ -1,0 +1,121 @@
+"""The task generator, the tokenizer and the training rows of mixquant-tiny (CPU)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from mixquant.tiny import bundled_model_path, tasks
+from mixquant.tiny.tokenizer import MARKUP_TOKENS, SPECIAL_TOKENS
+from mixquant.tiny.train import SEQ_LEN, PackedStream, learning_rate
+from tests.conftest import QWEN3_TOKENIZER
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(bundled_model_path()))
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_generator_is_deterministic_per_seed(task):
+    first = [tasks.generate(task, seed).to_row() for seed in range(5)]
+    assert first == [tasks.generate(task, seed).to_row() for seed in range(5)]
+    assert len({json.dumps(row) for row in first}) == 5  # seeds give different examples
+    assert tasks.heldout(task, 5) == [tasks.generate(task, seed) for seed in range(5)]
+
+
+def test_answers_follow_from_the_prompt():
+    arithmetic = tasks.generate("arithmetic", 7)
+    statements = arithmetic.messages[0]["content"].split("Track the variables. ")[1].split(" What is ")[0]
+    values = {}
+    for statement in statements.rstrip(".").split(". "):
+        name, expression = statement.split(" = ")
+        values[name] = eval(expression, {}, dict(values))  # noqa: S307 - our own generated arithmetic
+    target = arithmetic.messages[0]["content"].split(" What is ")[1].split("?")[0]
+    assert arithmetic.answer == f"\\boxed{{{values[target]}}}"
+
+    value_questions = [e for e in tasks.heldout("retrieval", 30)
+                       if e.messages[1]["content"].endswith("?") and "What is the value of record" in
+                       e.messages[1]["content"].splitlines()[-1]]
+    assert value_questions
+    for retrieval in value_questions:
+        lines = retrieval.messages[1]["content"].splitlines()
+        record_id = lines[-1].split("record ")[-1].rstrip("?")
+        [line] = [line for line in lines if line.startswith(f"record {record_id}:")]
+        assert retrieval.answer == f"Record {record_id} has value {line.split('value ')[1].split(',')[0]}."
+
+    call = tasks.generate("tool_use", 0, stage="call")
+    name = json.loads(call.answer)["name"]
+    assert name in [t["function"]["name"] for t in call.tools]
+    assert call.messages[-1]["tool_calls"][0]["function"]["name"] == name
+
+
+def test_multi_turn_recalls_a_fact_of_the_session():
+    for seed in range(20):
+        example = tasks.generate("multi_turn", seed)
+        history = " ".join(m["content"] for m in example.messages[:-2] if m.get("content"))
+        # the answer restates something said (or returned by a tool) earlier in the session
+        assert any(token in history for token in example.answer.rstrip(".").split()[-2:])
+
+
+def test_unknown_task_is_named():
+    with pytest.raises(ValueError, match="unknown task 'chess'"):
+        tasks.generate("chess", 0)
+
+
+def test_tokenizer_special_and_markup_tokens(tokenizer):
+    for token in SPECIAL_TOKENS + MARKUP_TOKENS:
+        assert tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id
+        assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    ids = tokenizer("<think>\nx\n</think>\n\n<tool_call>\n{}\n</tool_call><|im_end|>", add_special_tokens=False)
+    # markup survives skip_special_tokens (the parsers look for it in the text); the chat specials do not
+    assert tokenizer.decode(ids["input_ids"], skip_special_tokens=True) == \
+        "<think>\nx\n</think>\n\n<tool_call>\n{}\n</tool_call>"
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_tokenizer_round_trips_generated_text(tokenizer, task):
+    example = tasks.generate(task, 11)
+    text = tokenizer.apply_chat_template(example.messages, tools=example.tools, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert max(ids) < len(tokenizer)
+
+
+@pytest.mark.skipif(not (QWEN3_TOKENIZER / "tokenizer_config.json").is_file(), reason="needs ../shared")
+def test_chat_template_is_qwen3s(tokenizer):
+    qwen3 = json.loads((QWEN3_TOKENIZER / "tokenizer_config.json").read_text())["chat_template"]
+    assert tokenizer.chat_template == qwen3
+
+
+def test_packed_rows_train_only_the_answer_turn(tokenizer):
+    row = next(iter(PackedStream(str(bundled_model_path()), seed=0)))
+    assert all(row[k].shape == (SEQ_LEN,) for k in row)
+    targets, inputs = row["targets"], row["input_ids"]
+    scored = targets != -100
+    # a target is the next input token, and every scored span is an assistant turn ending in <|im_end|>
+    assert torch.equal(inputs[1:][scored[:-1]], targets[:-1][scored[:-1]])
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    starts = [i for i in range(1, SEQ_LEN) if scored[i] and not scored[i - 1]] + ([0] if scored[0] else [])
+    assert starts
+    for start in starts:
+        assert tokenizer.decode(inputs[max(0, start - 2):start + 1]).endswith(("assistant\n", "</think>\n\n"))
+        end = start
+        while end + 1 < SEQ_LEN and scored[end + 1]:
+            end += 1
+        assert targets[end] == im_end
+        assert row["documents"][start] == row["documents"][end]
+        assert row["task_of_target"][start] >= 0
+    # positions restart with each packed example
+    assert (row["positions"][row["documents"] == 1][:1] == 0).all()
+
+
+def test_learning_rate_warms_up_then_decays():
+    assert learning_rate(0.0, 1.0) == 0.0
+    assert learning_rate(0.03, 1.0) == pytest.approx(1.0)
+    assert learning_rate(1.0, 1.0) == pytest.approx(0.1)
+    values = [learning_rate(p / 100, 1.0) for p in range(3, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
