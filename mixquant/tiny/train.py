@@ -218,7 +218,7 @@ def train(args) -> Path:
     log.close()
     print(f"trained {step} steps, {tokens_seen / 1e6:.0f}M tokens in {time.perf_counter() - start:.0f} s", flush=True)
     save(model, tokenizer, out)
-    plot_loss(out / "train_log.jsonl", out / "loss.png")
+    plot_loss([out / "train_log.jsonl"], out / "loss.png")
     return out
 
 
@@ -232,20 +232,27 @@ def save(model, tokenizer, out: Path):
     GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, do_sample=False).save_pretrained(out)
 
 
-def plot_loss(log_file: Path, path: Path):
+def plot_loss(log_files: list[Path], path: Path):
+    """Answer-token loss per task against training tokens; several logs are consecutive phases (--init-from)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in log_file.read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(7, 4))
+    offset, points = 0, []
+    for number, log_file in enumerate(log_files):
+        records = [json.loads(line) for line in Path(log_file).read_text().splitlines()]
+        points += [(offset + r["tokens"], r["loss"]) for r in records]
+        offset += records[-1]["tokens"]
+        if number < len(log_files) - 1:
+            ax.axvline(offset / 1e6, color="gray", linestyle=":", linewidth=1)
     for task in tasks.TASKS:
-        ax.plot([r["tokens"] / 1e6 for r in records], [r["loss"][task] for r in records], label=task)
+        ax.plot([t / 1e6 for t, _ in points], [loss[task] for _, loss in points], label=task)
     ax.set_yscale("log")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("answer-token loss")
-    ax.set_title("mixquant-tiny training")
+    ax.set_title("mixquant-tiny training" + (" (dotted: a new phase)" if len(log_files) > 1 else ""))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
