@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 
-from math_verify import parse, verify
-
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _BOX_OPENING = re.compile(r"\\(?:boxed|fbox)\s*(\{)?")
 # Spacing commands carry no meaning in an answer but make math-verify see "32,\!348" as something else than 32348.
@@ -50,6 +48,10 @@ def normalize_math_answer(answer: str) -> str:
 
 def math_equal(gold: str, predicted: str) -> bool:
     """Mathematical equivalence as math-verify decides it (fractions, intervals, tuples, symbolic forms)."""
+    # Imported here: math-verify pulls in sympy, which commands that never compare math answers need not load
+    # (and the GPU machines' image does not have it).
+    from math_verify import parse, verify
+
     # Wrapping in \boxed{} makes math-verify read the whole string as one answer instead of searching it for one.
     gold_parsed = parse(f"\\boxed{{{normalize_math_answer(gold)}}}")
     predicted_parsed = parse(f"\\boxed{{{normalize_math_answer(predicted)}}}")

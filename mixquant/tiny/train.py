@@ -1,6 +1,8 @@
-"""Train `mixquant-tiny` from scratch on the task generator's stream (one GPU, within a 10-minute call).
+"""Train `mixquant-tiny` on the task generator's stream, from scratch or on from a checkpoint (one GPU).
 
-    python -m mixquant.tiny.train --output-dir OUT [--minutes 7] [--batch-rows 32]
+    python -m mixquant.tiny.train --output-dir OUT [--minutes 7] [--batch-rows 32] [--init-from CHECKPOINT]
+
+One run fits a 10-minute device call; the bundled weights took three (docs/tiny-model.md gives the commands).
 
 Conversations are rendered with the chat template exactly as the server renders a request (the prompt with its
 generation prompt, tokenized alone) followed by the assistant turn the model must write; only that turn carries
