@@ -10,12 +10,17 @@
 2. Timings (triton.testing.do_bench medians of CUDA-graph replays, inputs rotated past L2): paged decode against
    the SDPA-gather path it replaces (TorchAttentionBackend._decode) and a device-to-device copy;
    per_token_quant_fp8 against eager quantize_rowwise; a small sweep of launch shapes for tuning.
+3. fp8_prefill_attention (causal, Qwen3-8B heads): against BF16 SDPA (causal, enable_gqa) at 4k and 32k tokens,
+   against float64 on sampled rows and against its PyTorch emulation at 4k; needle retrieval at 32k and 131072
+   tokens (one key made to match one query: that query's output must be the key's value, as with SDPA); then
+   do_bench medians against SDPA at 4k-128k in TFLOP/s, and a sweep of tile shapes at 32k. About a minute.
 
-Usage: PYTHONPATH=. python3 gpu_tests/check_kernels.py   (writes $OUT/kernels.json when OUT is set; exit 1 on a
-failed check)
+Usage: PYTHONPATH=. python3 gpu_tests/check_kernels.py [--only fp8-prefill]   (writes $OUT/kernels.json when OUT
+is set; exit 1 on a failed check)
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -28,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from mixquant.kernels.fp8_attention import (PrefillConfig, fp8_attention_reference, fp8_prefill_attention,
+                                            quantize_blocks_fp8)
 from mixquant.kernels.paged_attention import DecodeConfig, default_num_splits, paged_decode_attention
 from mixquant.kernels.quant import per_token_quant_fp8
 from mixquant.quantization.fp8 import quantize_rowwise
@@ -316,23 +323,187 @@ def tune(attention_sizes=((1, 32768), (32, 8192)), quant_m: int = 8192, quant_ks
     return dict(attention=attention, quant=quant)
 
 
+# ---- FP8 causal prefill attention ------------------------------------------------------------------------------
+
+FP8_VS_SDPA = 8e-2  # rel. error bound; expected ~4.7e-2 on N(0, 1) inputs (the CPU emulation at 2k-4k tokens)
+FP8_VS_EMULATION = 1e-2  # expected ~1e-3: ex2.approx, FMA contraction and MMA sums flip a few fp8 roundings of P
+NEEDLE_TOLERANCE = 5e-2  # the needle row against the needle's value: V's fp8 rounding (~3%) for FP8
+
+
+def prefill_qkv(tokens: int, seed: int):
+    """q [tokens, 32, 128], k and v [tokens, 8, 128], bf16 N(0, 1): q.k * SCALE has a standard deviation of 1."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return [torch.randn(tokens, heads, HEAD_DIM, generator=g, device=DEV, dtype=torch.bfloat16)
+            for heads in (HEADS, KV_HEADS, KV_HEADS)]
+
+
+def sdpa_prefill(q, k, v) -> torch.Tensor:
+    """The engine's BF16 prefill path (TorchAttentionBackend._segment with nothing cached)."""
+    def heads_first(x):
+        return x.unsqueeze(0).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), is_causal=True, scale=SCALE,
+                                         enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def exact_rows(q, k, v, rows: torch.Tensor) -> torch.Tensor:
+    """Float64 causal attention of the given query rows only: [len(rows), HEADS, HEAD_DIM]."""
+    group = HEADS // KV_HEADS
+    out = torch.empty(len(rows), HEADS, HEAD_DIM, dtype=torch.float64, device=DEV)
+    keys = torch.arange(q.shape[0], device=DEV)
+    for kv_head in range(KV_HEADS):
+        heads = slice(kv_head * group, (kv_head + 1) * group)
+        scores = torch.einsum("rgd,ld->grl", q[rows, heads].double(), k[:, kv_head].double()) * SCALE
+        scores = scores.masked_fill(keys[None, None, :] > rows[None, :, None], float("-inf"))
+        out[:, heads] = torch.einsum("grl,ld->rgd", scores.softmax(-1), v[:, kv_head].double())
+    return out
+
+
+def check_fp8_prefill(lengths=(4096, 32768)) -> list[dict]:
+    results = []
+    for tokens in lengths:
+        q, k, v = prefill_qkv(tokens, seed=tokens)
+        out = torch.full_like(q, float("nan"))
+        fp8_prefill_attention(q, k, v, SCALE, out)
+        sdpa = sdpa_prefill(q, k, v)
+        rows = torch.linspace(0, tokens - 1, 96, device=DEV).long()
+        exact = exact_rows(q, k, v, rows)
+        r = dict(tokens=tokens, finite=bool(torch.isfinite(out).all()), rel_err_vs_sdpa=rel_err(out, sdpa),
+                 rows_rel_err_vs_float64=rel_err(out[rows], exact),
+                 sdpa_rows_rel_err_vs_float64=rel_err(sdpa[rows], exact))
+        if tokens <= 4096:  # the emulation holds float32 copies of everything: the short length only
+            r["rel_err_vs_emulation"] = rel_err(out, fp8_attention_reference(q, k, v, SCALE))
+        r["ok"] = (r["finite"] and r["rel_err_vs_sdpa"] < FP8_VS_SDPA
+                   and r.get("rel_err_vs_emulation", 0) < FP8_VS_EMULATION)
+        results.append(r)
+        print(f"fp8 prefill T={tokens:6}: vs sdpa {r['rel_err_vs_sdpa']:.2e}, rows vs float64 "
+              f"{r['rows_rel_err_vs_float64']:.2e} (sdpa {r['sdpa_rows_rel_err_vs_float64']:.2e}), vs emulation "
+              f"{r.get('rel_err_vs_emulation', float('nan')):.2e} {'ok' if r['ok'] else 'FAIL'}", flush=True)
+        del q, k, v, out, sdpa
+    return results
+
+
+def check_needles(lengths=(32768, 131072)) -> list[dict]:
+    """Per length, four (query, key) pairs in different heads, one key each made to match its query far above the
+    other keys (score ~30 against N(0, 1)): the query's output must be that key's value, as SDPA's is."""
+    results = []
+    for tokens in lengths:
+        q, k, v = prefill_qkv(tokens, seed=tokens + 1)
+        group = HEADS // KV_HEADS
+        # (query, key, q head): the last token reading the first tile, one key back, across a long span, and a
+        # key in the query's own tile
+        pairs = [(tokens - 1, 17, 1), (tokens - 1, tokens - 2, 9), (tokens // 2 + 100, tokens // 8, 18),
+                 (tokens // 3, tokens // 3 - 3, 27)]
+        for query, key, head in pairs:
+            k[key, head // group] = q[query, head] * 2.7  # q.k * SCALE ~ 2.7 * 128 / sqrt(128) ~ 30
+        out = fp8_prefill_attention(q, k, v, SCALE)
+        sdpa = sdpa_prefill(q, k, v)
+        for query, key, head in pairs:
+            value = v[key, head // group]
+            r = dict(tokens=tokens, query=query, key=key, head=head, fp8_rel_err=rel_err(out[query, head], value),
+                     sdpa_rel_err=rel_err(sdpa[query, head], value))
+            r["ok"] = r["fp8_rel_err"] < NEEDLE_TOLERANCE and r["sdpa_rel_err"] < NEEDLE_TOLERANCE
+            results.append(r)
+            print(f"needle T={tokens:6} query={query:6} key={key:6} head={head:2}: fp8 {r['fp8_rel_err']:.2e} "
+                  f"sdpa {r['sdpa_rel_err']:.2e} {'ok' if r['ok'] else 'FAIL'}", flush=True)
+        del q, k, v, out, sdpa
+    return results
+
+
+def causal_flops(tokens: int) -> float:
+    return 2 * 2 * HEADS * tokens * tokens / 2 * HEAD_DIM
+
+
+def bench_fp8_prefill(lengths=(4096, 8192, 32768, 131072)) -> list[dict]:
+    results = []
+    for tokens in lengths:
+        q, k, v = prefill_qkv(tokens, seed=3)
+        out = torch.empty_like(q)
+        kernel = median_ms(lambda: fp8_prefill_attention(q, k, v, SCALE, out))
+        quant = median_ms(lambda: (quantize_blocks_fp8(k, PrefillConfig().block_n),
+                                   quantize_blocks_fp8(v, PrefillConfig().block_n, transpose=True)))
+        sdpa = median_ms(lambda: sdpa_prefill(q, k, v))
+        flops = causal_flops(tokens)
+        results.append(dict(tokens=tokens, kernel_ms=kernel, kv_quant_ms=quant, sdpa_ms=sdpa,
+                            kernel_tflops=flops / kernel / 1e9, sdpa_tflops=flops / sdpa / 1e9,
+                            speedup=sdpa / kernel))
+        del q, k, v, out
+    return results
+
+
+FP8_PREFILL_SWEEP = [PrefillConfig(), PrefillConfig(128, 128, 8, 3), PrefillConfig(128, 128, 8, 2),
+                     PrefillConfig(64, 64, 4, 3)]
+
+
+def tune_fp8_prefill(tokens: int = 32768) -> list[dict]:
+    """Tile shapes around the default at one length (not a check; each shape compiles once, a few seconds)."""
+    q, k, v = prefill_qkv(tokens, seed=4)
+    out = torch.empty_like(q)
+    results = []
+    for config in FP8_PREFILL_SWEEP:
+        ms = median_ms(lambda: fp8_prefill_attention(q, k, v, SCALE, out, config=config))
+        results.append(dict(tokens=tokens, **vars(config), ms=ms, tflops=causal_flops(tokens) / ms / 1e9))
+    return results
+
+
+def print_fp8_prefill(report: dict):
+    print(f"{'fp8 prefill attention':22} {'kernel ms':>10} {'TFLOP/s':>8} {'kv quant':>9} {'sdpa ms':>9} "
+          f"{'TFLOP/s':>8} {'speedup':>8}")
+    for r in report["fp8_prefill_timings"]:
+        print(f"T={r['tokens']:<20} {r['kernel_ms']:10.3f} {r['kernel_tflops']:8.0f} {r['kv_quant_ms']:9.3f} "
+              f"{r['sdpa_ms']:9.3f} {r['sdpa_tflops']:8.0f} {r['speedup']:7.2f}x")
+    for r in report["fp8_prefill_tuning"]:
+        print(f"tuning fp8 prefill T={r['tokens']} block_m={r['block_m']} block_n={r['block_n']} "
+              f"warps={r['num_warps']} stages={r['num_stages']}: {r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s")
+
+
+def fp8_prefill_report() -> dict:
+    report = dict(fp8_prefill_checks=check_fp8_prefill(), needle_checks=check_needles())
+    report["fp8_prefill_timings"] = bench_fp8_prefill()
+    report["fp8_prefill_tuning"] = tune_fp8_prefill()
+    return report
+
+
 # ---- report ----------------------------------------------------------------------------------------------------
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description="GPU checks and timings of mixquant.kernels")
+    parser.add_argument("--only", choices=["fp8-prefill"], help="run one section only")
+    args = parser.parse_args()
     start = time.time()
     report: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
-    report["attention_checks"] = check_attention()
-    report["graph_check"] = check_graph()
-    report["quant_checks"] = check_quant()
-    report["copy"] = bench_copy()
-    report["attention_timings"] = bench_attention()
-    report["quant_timings"] = bench_quant()
-    report["tuning"] = tune()
-    checks = report["attention_checks"] + [report["graph_check"]] + report["quant_checks"]
+    checks = []
+    if args.only is None:
+        report["attention_checks"] = check_attention()
+        report["graph_check"] = check_graph()
+        report["quant_checks"] = check_quant()
+        checks += report["attention_checks"] + [report["graph_check"]] + report["quant_checks"]
+    fp8_start = time.time()
+    report.update(fp8_prefill_report())
+    report["fp8_prefill_wall_s"] = time.time() - fp8_start
+    checks += report["fp8_prefill_checks"] + report["needle_checks"]
+    if args.only is None:
+        report["copy"] = bench_copy()
+        report["attention_timings"] = bench_attention()
+        report["quant_timings"] = bench_quant()
+        report["tuning"] = tune()
     report["ok"] = all(c["ok"] for c in checks)
     report["wall_s"] = time.time() - start
 
+    if args.only is None:
+        print_decode_and_quant(report)
+    print_fp8_prefill(report)
+    failed = [c for c in checks if not c["ok"]]
+    print(f"checks: {len(checks) - len(failed)}/{len(checks)} ok; {report['wall_s']:.0f} s "
+          f"(fp8 prefill section {report['fp8_prefill_wall_s']:.0f} s)")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "kernels.json").write_text(json.dumps(report, indent=1))
+    return 0 if report["ok"] else 1
+
+
+def print_decode_and_quant(report: dict):
     copy = report["copy"]["gbps"]
     print(f"\n{report['device']}  device-to-device copy {copy:.0f} GB/s (read + write)")
     print(f"{'decode attention':22} {'kernel ms':>10} {'GB/s':>7} {'of copy':>8} {'splits':>7} {'sdpa ms':>9} "
@@ -356,11 +527,6 @@ def main() -> int:
     for k in sorted({r["k"] for r in report["tuning"]["quant"]}):
         r = min((r for r in report["tuning"]["quant"] if r["k"] == k), key=lambda r: r["ms"])
         print(f"tuning quant K={k}: best num_warps={r['num_warps']} {r['ms']:.4f} ms")
-    failed = [c for c in checks if not c["ok"]]
-    print(f"checks: {len(checks) - len(failed)}/{len(checks)} ok; {report['wall_s']:.0f} s")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "kernels.json").write_text(json.dumps(report, indent=1))
-    return 0 if report["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ import torch
 
 Precision = Literal["bf16", "fp8", "nvfp4"]
 PRECISIONS: tuple[str, ...] = ("bf16", "fp8", "nvfp4")
+# Attention of prefill segments with nothing cached before them: SDPA in the model dtype, or the FP8 Triton kernel
+# (mixquant/kernels/fp8_attention.py). Decode and cached-prefix segments always attend in the model dtype.
+PREFILL_ATTENTIONS: tuple[str, ...] = ("bf16", "fp8")
 
 
 class Phase(str, Enum):
@@ -118,6 +121,7 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes (benchmarks)
     seed: int = 0
     revision: str | None = None
+    prefill_attention: str = "bf16"  # "fp8": FP8 causal attention for fresh prefill segments (CUDA, sm >= 8.9)
 
     def __post_init__(self):
         self.device_obj = resolve_device(self.device)
@@ -140,6 +144,15 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.prefill_attention not in PREFILL_ATTENTIONS:
+            raise ValueError(f"prefill_attention={self.prefill_attention!r} is not one of "
+                             f"{', '.join(PREFILL_ATTENTIONS)}")
+        if self.prefill_attention == "fp8":
+            cap = compute_capability(self.device_obj)
+            if cap is None or cap < (8, 9):
+                where = f"compute capability {cap[0]}.{cap[1]}" if cap else "no CUDA device"
+                raise ValueError(f"prefill_attention='fp8' needs a CUDA GPU of compute capability >= 8.9 (FP8 "
+                                 f"tensor cores: Ada, Hopper or newer); device {self.device_obj} has {where}")
 
     def precision(self, phase: Phase) -> str:
         return self.prefill_precision if phase is Phase.PREFILL else self.decode_precision

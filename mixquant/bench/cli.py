@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mixquant.config import PREFILL_ATTENTIONS
+
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
@@ -25,6 +27,8 @@ def register(subparsers):
     p.add_argument("--contexts", default="2048,4096,8192,32768")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compare", choices=["transformers"], help="add transformers (sdpa, BF16) rows")
+    p.add_argument("--prefill-attention", default="bf16", choices=PREFILL_ATTENTIONS,
+                   help="attention of the prompt tokens in every mixquant row: bf16 (SDPA) or fp8 (Triton kernel)")
     p.set_defaults(func=run_offline, kind="prefill")
     p = bench.add_parser("decode", help="decode tokens/s and GB/s per pair and batch")
     _add_model_arguments(p)
@@ -53,7 +57,7 @@ def run_offline(args) -> int:
     ceilings = offline.measure_ceilings()
     if args.kind == "prefill":
         rows = offline.bench_prefill(model, pairs, _ints(args.contexts), args.repeats, overrides,
-                                     args.compare == "transformers")
+                                     args.compare == "transformers", prefill_attention=args.prefill_attention)
     else:
         rows = offline.bench_decode(model, pairs, _ints(args.batches), args.context, args.steps, overrides,
                                     eager=args.enforce_eager)

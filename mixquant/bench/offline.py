@@ -81,12 +81,13 @@ def measure_ceilings() -> dict:
 
 
 def _engine(model: str, pair: str, max_len: int, batched_tokens: int, max_seqs: int, hf_overrides: dict | None,
-            eager: bool) -> LLMEngine:
+            eager: bool, prefill_attention: str = "bf16") -> LLMEngine:
     prefill, decode = pair.split("/")
     return LLMEngine(EngineConfig(model=model, load_format="dummy", skip_tokenizer_init=True,
                                   prefill_precision=prefill, decode_precision=decode, max_model_len=max_len,
                                   max_num_batched_tokens=batched_tokens, max_num_seqs=max_seqs,
-                                  enable_prefix_caching=False, hf_overrides=hf_overrides, enforce_eager=eager))
+                                  enable_prefix_caching=False, hf_overrides=hf_overrides, enforce_eager=eager,
+                                  prefill_attention=prefill_attention))
 
 
 def _release_memory():
@@ -115,11 +116,12 @@ def memory_notes(engine: LLMEngine) -> dict:
 
 
 def bench_prefill(model: str, pairs: list[str], contexts: list[int], repeats: int, hf_overrides: dict | None,
-                  compare_transformers: bool) -> list[Row]:
+                  compare_transformers: bool, prefill_attention: str = "bf16") -> list[Row]:
     rows: list[Row] = []
     for pair in pairs:
-        engine = _engine(model, pair, max(contexts) + 16, max(contexts), 4, hf_overrides, eager=True)
-        notes = memory_notes(engine)
+        engine = _engine(model, pair, max(contexts) + 16, max(contexts), 4, hf_overrides, eager=True,
+                         prefill_attention=prefill_attention)
+        notes = {**memory_notes(engine), "prefill_attention": prefill_attention}
         for context in contexts:
             prompt = _random_prompt(context, engine.hf_config.vocab_size, context)
 

@@ -47,6 +47,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.model = loader.build_model(hf_config, dtype, self.device, max_model_len)
+        if config.prefill_attention == "fp8":
+            self._check_fp8_prefill_attention()
         if config.load_format == "dummy":
             loader.init_dummy_weights(self.model, config.seed)
         else:
@@ -64,6 +66,15 @@ class ModelRunner:
             except RuntimeError as e:  # an op that cannot be captured: run decode eagerly rather than not at all
                 self.graphs = {}
                 logger.warning("decode CUDA graphs disabled, capture failed: %s", e)
+
+    def _check_fp8_prefill_attention(self):
+        """The FP8 prefill kernel's limits, said at startup rather than at the first long prompt."""
+        from mixquant.kernels.fp8_attention import HEAD_DIMS
+
+        head_dim = self.model.attention_layers()[0].head_dim
+        if head_dim not in HEAD_DIMS or self.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"prefill_attention='fp8' needs head_dim in {HEAD_DIMS} and a 16-bit dtype; this model "
+                             f"has head_dim {head_dim}, dtype {self.dtype}")
 
     # ---- KV cache -------------------------------------------------------------------------------------------
 
@@ -122,7 +133,8 @@ class ModelRunner:
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
         ctx = ForwardContext(num_prefill_rows=num_tokens, slot_mapping=positions,
-                             segments=[AttentionSegment(0, num_tokens, 0, torch.arange(1, device=self.device))])
+                             segments=[AttentionSegment(0, num_tokens, 0, torch.arange(1, device=self.device))],
+                             prefill_attention=self.config.prefill_attention)
         with torch.inference_mode(), forward_context(ctx):
             hidden = self.model(ids, positions)
             self.model.compute_logits(hidden[-self.config.max_num_seqs:])
@@ -186,7 +198,8 @@ class ModelRunner:
             segments = [AttentionSegment(start, start + seg.end - seg.start, seg.start,
                                          torch.tensor(seg.seq.block_table, device=dev))
                         for start, seg in zip(row_starts, ordered)]
-            ctx = ForwardContext(num_prefill, slot_mapping, segments=segments)
+            ctx = ForwardContext(num_prefill, slot_mapping, segments=segments,
+                                 prefill_attention=self.config.prefill_attention)
         return StepInputs(torch.tensor(input_ids, dtype=torch.long, device=dev),
                           torch.tensor(positions, dtype=torch.long, device=dev), ctx, sample_rows, prompt_rows,
                           {Phase.PREFILL: num_prefill, Phase.DECODE: row - num_prefill})

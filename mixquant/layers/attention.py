@@ -21,13 +21,20 @@ class TorchAttentionBackend:
             return self._decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
         out = torch.empty_like(q)
         for seg in ctx.segments:
-            out[seg.row_start:seg.row_end] = self._segment(q, k, v, k_cache, v_cache, seg, scale)
+            # rows are laid out [prefill | decode]: only prefill segments may take the FP8 path
+            fp8 = ctx.prefill_attention == "fp8" and seg.row_end <= ctx.num_prefill_rows
+            out[seg.row_start:seg.row_end] = self._segment(q, k, v, k_cache, v_cache, seg, scale, fp8)
         return out
 
     @staticmethod
-    def _segment(q, k, v, k_cache, v_cache, seg: AttentionSegment, scale: float) -> torch.Tensor:
+    def _segment(q, k, v, k_cache, v_cache, seg: AttentionSegment, scale: float, fp8: bool = False) -> torch.Tensor:
         rows = slice(seg.row_start, seg.row_end)
         n = seg.row_end - seg.row_start
+        if fp8 and seg.context_start == 0 and q.is_cuda:
+            # FP8 operands for both products, FP32 accumulation (EngineConfig.prefill_attention="fp8")
+            from mixquant.kernels.fp8_attention import fp8_prefill_attention
+
+            return fp8_prefill_attention(q[rows], k[rows], v[rows], scale)
         # 4-D [1, heads, n, dim] views: the layout SDPA's flash/cuDNN kernels take (3-D [heads, n, dim] inputs
         # fall back to the math kernel, 40x slower on an H100 at 4k tokens)
         q_seg = _heads_first(q[rows])

@@ -8,7 +8,7 @@ import signal
 import sys
 
 from mixquant import tiny
-from mixquant.config import PRECISIONS
+from mixquant.config import PRECISIONS, PREFILL_ATTENTIONS
 from mixquant.server.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
 
 
@@ -63,6 +63,9 @@ def register(subparsers):
                         help="precision of prompt tokens (auto: nvfp4 on Blackwell, fp8 on Ada/Hopper, else bf16)")
     engine.add_argument("--decode-precision", default="bf16", choices=PRECISIONS,
                         help="precision of generated tokens")
+    engine.add_argument("--prefill-attention", default="bf16", choices=PREFILL_ATTENTIONS,
+                        help="attention of uncached prompt tokens: bf16 (SDPA) or fp8 (FP8 Triton kernel; CUDA "
+                             "compute capability >= 8.9)")
     engine.add_argument("--dtype", default="auto")
     engine.add_argument("--device", default="auto")
     engine.add_argument("--max-model-len", type=int)
@@ -103,7 +106,8 @@ def run_server(args, chat_template: str | None) -> int:
 
     engine = LLMEngine(EngineConfig(
         model=args.model, tokenizer=args.tokenizer, prefill_model=args.prefill_model,
-        prefill_precision=args.prefill_precision, decode_precision=args.decode_precision, dtype=args.dtype,
+        prefill_precision=args.prefill_precision, decode_precision=args.decode_precision,
+        prefill_attention=args.prefill_attention, dtype=args.dtype,
         device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, hf_overrides=args.hf_overrides, seed=args.seed,
@@ -132,7 +136,8 @@ def startup_line(engine, config, host: str, port: int) -> str:
     precisions = engine.config.describe_precisions()
     nvfp4 = f"NVFP4 {precisions['nvfp4']}" if precisions["nvfp4"] else "NVFP4 unused"
     names = ", ".join(config.served_model_names)
+    attention = " | prefill attention fp8" if engine.config.prefill_attention == "fp8" else ""
     return (f"mixquant serve: {names} ({config.model_path}) | prefill {precisions['prefill_precision']} "
-            f"({precisions['prefill_kernels']}) | decode {precisions['decode_precision']} "
+            f"({precisions['prefill_kernels']}){attention} | decode {precisions['decode_precision']} "
             f"({precisions['decode_kernels']}) | {nvfp4} | KV cache {engine.kv_cache_tokens():,} tokens | "
             f"max_model_len {engine.max_model_len} | http://{host}:{port}/v1")

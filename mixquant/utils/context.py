@@ -29,6 +29,8 @@ class ForwardContext:
     # decode-only steps (every row a single-token segment): tensors of fixed shape, so the step can be graph-captured
     block_tables: torch.Tensor | None = None  # [rows, max_blocks]
     context_lens: torch.Tensor | None = None  # [rows]
+    # EngineConfig.prefill_attention: "fp8" runs prefill segments with nothing cached through the FP8 kernel
+    prefill_attention: str = "bf16"
 
     @property
     def decode_only(self) -> bool:

@@ -72,3 +72,20 @@ def test_missing_tensors_are_named(tiny_qwen3, tmp_path):
 def test_bad_engine_options(tiny_qwen3, kwargs, field):
     with pytest.raises(ValueError, match=field):
         LLM(str(tiny_qwen3), **kwargs)
+
+
+@pytest.mark.parametrize("value,message", [
+    ("fp8", r"prefill_attention='fp8' needs a CUDA GPU of compute capability >= 8\.9.*device cpu has no CUDA device"),
+    ("fp16", r"prefill_attention='fp16' is not one of bf16, fp8")])
+def test_prefill_attention_is_checked(tiny_qwen3, value, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(str(tiny_qwen3), device="cpu", prefill_attention=value)
+
+
+def test_prefill_attention_defaults_to_bf16_and_serve_names_the_fp8_problem(tiny_qwen3, capsys):
+    from mixquant.cli import main
+    from mixquant.config import EngineConfig
+
+    assert EngineConfig(model=str(tiny_qwen3), device="cpu").prefill_attention == "bf16"
+    assert main(["serve", str(tiny_qwen3), "--device", "cpu", "--prefill-attention", "fp8"]) == 2
+    assert "prefill_attention='fp8' needs a CUDA GPU" in capsys.readouterr().err

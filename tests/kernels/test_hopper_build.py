@@ -18,15 +18,18 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from mixquant.kernels.fp8_attention import _LOG2_FP8_MAX, PrefillConfig, _fp8_prefill_kernel, _quantize_blocks_kernel
 from mixquant.kernels.paged_attention import _decode_split_kernel, _merge_kernel
 from mixquant.kernels.quant import _per_token_quant_kernel
-from mixquant.quantization.fp8 import _ZERO_ROW_SCALE
+from mixquant.quantization.fp8 import _ZERO_ROW_SCALE, FP8_MAX
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
-def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 2):
-    """(ptx, sass instruction counts, resource usage) of kernel built for sm_90; unlisted parameters are i32.
+def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 2,
+                       target: GPUTarget = HOPPER):
+    """(ptx, sass instruction counts, resource usage) of kernel built for sm_90 (or `target`); unlisted parameters
+    are i32.
 
     Pointers and int parameters are marked 16-divisible, as Triton specializes them at a real launch.
     """
@@ -34,7 +37,7 @@ def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warp
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     aligned = [n for n in names if n not in constexprs and (signature[n].startswith("*") or n.startswith("stride"))]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), target=HOPPER,
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), target=target,
                               options=dict(num_warps=num_warps, num_stages=num_stages))
 
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
@@ -45,7 +48,8 @@ def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warp
             return subprocess.run([triton.knobs.nvidia.cuobjdump.path, flag, cubin.name], capture_output=True,
                                   text=True, check=True).stdout
 
-        sass = Counter(re.findall(r"\b([A-Z][A-Z0-9]+(?:\.[A-Z0-9_]+)*)\s", cuobjdump("-sass")))
+        # opcode with its modifiers, shapes included (QGMMA.64x64x32.F32.E4M3.E4M3)
+        sass = Counter(re.findall(r"\b([A-Z][A-Z0-9]+(?:\.[A-Z0-9_]+(?:x[0-9]+)*)*)\s", cuobjdump("-sass")))
         return compiled.asm["ptx"], sass, cuobjdump("-res-usage")
 
 
@@ -87,6 +91,56 @@ def test_quant_kernel_builds_with_torch_cuda_arithmetic(dtype, block_k, whole_ro
         _per_token_quant_kernel, dict(x_ptr=f"*{dtype}", q_ptr="*fp8e4nv", scale_ptr="*fp32"),
         dict(BLOCK_K=block_k, WHOLE_ROW=whole_row, FP8_MAX=448.0, ZERO_ROW_SCALE=_ZERO_ROW_SCALE),
         num_warps=8 if block_k >= 8192 else 4)
+    assert "LOCAL:0" in usage, usage
+    assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx" not in ptx
+    assert re.search(r"mul(\.rn)?\.f32\s+%r\d+, %r\d+, 0f3B124925;", ptx), "scale = amax * float32(1/448)"
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+
+
+FP8_ATTENTION_TYPES = dict(q_ptr="*bf16", k8_ptr="*fp8e4nv", vt8_ptr="*fp8e4nv", k_scale_ptr="*fp32",
+                           v_scale_ptr="*fp32", out_ptr="*bf16", sm_scale_log2="fp32")
+
+
+@pytest.mark.parametrize("head_dim,group,config", [(128, 4, PrefillConfig()), (64, 1, PrefillConfig()),
+                                                   (128, 4, PrefillConfig(block_n=128))],
+                         ids=["qwen3_8b_default", "d64_mha_default", "d128_tiles_128x128"])
+def test_fp8_prefill_kernel_runs_both_products_on_fp8_wgmma_without_spills(head_dim, group, config):
+    ptx, sass, usage = compile_for_hopper(
+        _fp8_prefill_kernel, FP8_ATTENTION_TYPES,
+        dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, FP8_MAX=FP8_MAX,
+             ZERO_ROW_SCALE=_ZERO_ROW_SCALE, LOG2_FP8_MAX=_LOG2_FP8_MAX),
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    assert "LOCAL:0" in usage and "STACK:0" in usage, usage
+    # Triton emits FP8 tl.dot on sm_90 as warpgroup MMA: wgmma ... e4m3.e4m3 in PTX, QGMMA in SASS (A from
+    # registers, B from shared memory); Q K^T is [64 rows x BLOCK_N] per warpgroup, each P V half [64 x D/2]
+    assert f"wgmma.mma_async.sync.aligned.m64n{config.block_n}k32.f32.e4m3.e4m3" in ptx
+    assert f"wgmma.mma_async.sync.aligned.m64n{head_dim // 2}k32.f32.e4m3.e4m3" in ptx
+    assert sass[f"QGMMA.64x{config.block_n}x32.F32.E4M3.E4M3"] > 0, "Q K^T on FP8 tensor cores"
+    assert sass[f"QGMMA.64x{head_dim // 2}x32.F32.E4M3.E4M3"] > 0, "P V on FP8 tensor cores"
+    assert not [op for op in sass if op.startswith(("HGMMA", "HMMA"))], "no product falls back to 16-bit MMA"
+    assert sass["LDGSTS.E.BYPASS.128"] > 0, "K/V tiles should stream in as 16-byte async copies"
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, "Q and P cast to e4m3 with round-to-nearest-even"
+
+
+def test_fp8_prefill_kernel_builds_for_ada_on_fp8_mma():
+    """EngineConfig allows prefill_attention="fp8" from sm_89: there the products are warp-level FP8 MMA."""
+    config = PrefillConfig()
+    _, sass, usage = compile_for_hopper(
+        _fp8_prefill_kernel, FP8_ATTENTION_TYPES,
+        dict(GROUP=4, HEAD_DIM=128, BLOCK_M=config.block_m, BLOCK_N=config.block_n, FP8_MAX=FP8_MAX,
+             ZERO_ROW_SCALE=_ZERO_ROW_SCALE, LOG2_FP8_MAX=_LOG2_FP8_MAX),
+        num_warps=config.num_warps, num_stages=config.num_stages, target=GPUTarget("cuda", 89, 32))
+    assert "LOCAL:0" in usage, usage
+    assert sass["QMMA.16832.F32.E4M3.E4M3"] > 0
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["k_rows", "v_transposed"])
+def test_quantize_blocks_kernel_builds_with_torch_cuda_arithmetic(transpose):
+    # a launch specializes the unit stride to a constant, as here
+    unit = dict(stride_ot=1) if transpose else dict(stride_od=1)
+    ptx, _, usage = compile_for_hopper(
+        _quantize_blocks_kernel, dict(x_ptr="*bf16", out_ptr="*fp8e4nv", scale_ptr="*fp32"),
+        dict(BLOCK=64, HEAD_DIM=128, FP8_MAX=FP8_MAX, ZERO_ROW_SCALE=_ZERO_ROW_SCALE, **unit), num_warps=8)
     assert "LOCAL:0" in usage, usage
     assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx" not in ptx
     assert re.search(r"mul(\.rn)?\.f32\s+%r\d+, %r\d+, 0f3B124925;", ptx), "scale = amax * float32(1/448)"
