@@ -129,7 +129,8 @@ def parse_pairs(text: str) -> list[str]:
 
 def read_prompts(path: str | None, require_answer: bool = False) -> list[dict]:
     """JSONL rows with a 'prompt' string or a 'messages' chat list, an optional gold 'answer' string, optional
-    'tools' (OpenAI schemas, for 'messages') and an optional 'task' name to group results by."""
+    'tools' (OpenAI schemas) and 'chat_template_kwargs' (over --enable-thinking) for 'messages', and an optional
+    'task' name to group results by."""
     file = Path(path)
     if not file.is_file():
         raise FidelityInputError(f"{path} does not exist")
@@ -148,8 +149,10 @@ def read_prompts(path: str | None, require_answer: bool = False) -> list[dict]:
             raise FidelityInputError(f"{path} line {number}: 'answer' must be a string")
         if "task" in row and not (isinstance(row["task"], str) and row["task"].strip() and " " not in row["task"]):
             raise FidelityInputError(f"{path} line {number}: 'task' must be a name without spaces")
-        if "tools" in row and not (isinstance(row["tools"], list) and "messages" in row):
-            raise FidelityInputError(f"{path} line {number}: 'tools' must be a list, next to 'messages'")
+        for key, kind in (("tools", list), ("chat_template_kwargs", dict)):
+            if key in row and not (isinstance(row[key], kind) and "messages" in row):
+                raise FidelityInputError(f"{path} line {number}: '{key}' must be a {kind.__name__}, next to "
+                                         "'messages'")
         if require_answer and "answer" not in row:
             raise FidelityInputError(f"{path} line {number}: a task needs a gold 'answer'")
         rows.append(row)
@@ -173,8 +176,9 @@ def tokenize(llm: LLM, rows: list[dict], enable_thinking: bool) -> list[Sample]:
     samples = []
     for row in rows:
         if "messages" in row:
+            kwargs = {"enable_thinking": enable_thinking, **row.get("chat_template_kwargs", {})}
             text = tokenizer.apply_chat_template(row["messages"], tools=row.get("tools"), tokenize=False,
-                                                 add_generation_prompt=True, enable_thinking=enable_thinking)
+                                                 add_generation_prompt=True, **kwargs)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote the special tokens
         else:
             ids = llm.engine.tokenize(row["prompt"])  # as `LLM.generate` would for the text

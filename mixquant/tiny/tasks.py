@@ -53,8 +53,9 @@ class Example:
         return self.messages[:-1]
 
     def to_row(self) -> dict:
-        """A `mixquant fidelity --tasks` / JSONL row."""
-        row = {"task": self.task, "messages": self.prompt_messages, "answer": self.answer}
+        """A `mixquant fidelity --tasks` / JSONL row, rendered with thinking on, as the model was trained."""
+        row = {"task": self.task, "messages": self.prompt_messages, "answer": self.answer,
+               "chat_template_kwargs": {"enable_thinking": True}}
         if self.tools:
             row["tools"] = self.tools
         return row

@@ -74,6 +74,8 @@ def test_buckets_tasks_and_default_reference(tiny_qwen3, tmp_path):
     ('{"prompt": "hi"}\n', ["--tasks", "{file}"], "line 1: a task needs a gold 'answer'"),
     (None, ["--tasks", "tiny", "--task-count", "0"], "--task-count must be >= 1"),
     ('{"messages": [], "tools": {}}\n', ["--prompts", "{file}"], "'tools' must be a list"),
+    ('{"prompt": "hi", "chat_template_kwargs": {}}\n', ["--prompts", "{file}"],
+     "'chat_template_kwargs' must be a dict, next to 'messages'"),
     ('{"prompt": "hi", "task": "two words"}\n', ["--prompts", "{file}"], "'task' must be a name"),
     (None, ["--max-tokens", "0"], "--max-tokens must be >= 1"),
 ])
