@@ -13,7 +13,6 @@ import time
 import httpx
 import pytest
 
-from mixquant.cli import main
 from mixquant.server.config import ServerConfig, load_generation_defaults
 from mixquant.server.protocol import CompletionRequest
 from mixquant.server.serving import ServingContext
@@ -106,11 +105,6 @@ def test_serve_process_drains_on_sigterm_and_exits_0(tiny_qwen3):
         if process.poll() is None:
             process.kill()
         process.stdout.close()
-
-
-def test_serve_without_a_model_says_to_pass_one(capsys):
-    assert main(["serve"]) == 2
-    assert "pass the model to serve" in capsys.readouterr().err
 
 
 def test_auto_tool_choice_needs_a_parser(tmp_path):
