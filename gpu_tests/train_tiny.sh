@@ -2,7 +2,9 @@
 # Train mixquant-tiny on one GPU, then measure it, in one device call:
 #   bash gpu_tests/train_tiny.sh OUT_DIR [MINUTES] [INIT_FROM]
 # OUT_DIR/tiny.tar.part-* hold the checkpoint and every result (split for the device tool's 16 MiB file limit);
-# join them with `cat OUT_DIR/tiny.tar.part-* | tar x`.
+# join them with `cat OUT_DIR/tiny.tar.part-* | tar x`. INIT_FROM=mixquant/tiny/checkpoint continues from the
+# bundled weights (they travel with the repository). Environment: TRAIN_ARGS (extra train.py flags), EVAL=0 (train
+# only), EVAL_TIMEOUT, FIDELITY=0, FIDELITY_TIMEOUT, TASK_COUNT. Keep training minutes + timeouts under ~9 minutes.
 set -uo pipefail
 out=${1:?usage: train_tiny.sh OUT_DIR [MINUTES] [INIT_FROM]}
 minutes=${2:-6}

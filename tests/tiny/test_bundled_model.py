@@ -20,8 +20,8 @@ from mixquant.utils.hf import resolve_model_path
 from tests.engine.helpers import engine_prompt_logits, hf_model
 from tests.server.conftest import running_server, server_config, tiny_engine
 
-# Correct answers out of HELDOUT greedy held-out examples that the test requires. A random model of the same
-# shape scores 0 on every task (it does not write the answer sentences); the measured rates are in docs/fidelity.md.
+# Correct answers out of HELDOUT greedy held-out examples that the test requires. A randomly initialised model of
+# the same shape answered 0 of 16 (it never writes the answer sentences); measured rates: docs/tiny-model.md.
 HELDOUT = 10
 REQUIRED = {"retrieval": 2, "arithmetic": 8, "tool_use": 9, "multi_turn": 5}
 
