@@ -58,6 +58,13 @@ def server_config(model: Path, **overrides) -> ServerConfig:
     return ServerConfig(**settings)
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (for a server started in another process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @contextmanager
 def running_server(engine, config: ServerConfig) -> Iterator[RunningServer]:
     app = build_app(engine, config)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ import pytest
 from mixquant.server.config import ServerConfig, load_generation_defaults
 from mixquant.server.protocol import CompletionRequest
 from mixquant.server.serving import ServingContext
-from tests.server.conftest import running_server, server_config, tiny_engine
+from tests.server.conftest import free_port, running_server, server_config, tiny_engine
 
 
 def test_a_dead_engine_answers_503(tiny_qwen3):
@@ -48,12 +47,6 @@ def test_requests_beyond_the_bound_answer_503(tiny_qwen3):
         while server.async_engine.num_pending_requests and time.monotonic() < deadline:
             time.sleep(0.05)
         assert http.post("/v1/completions", json={"prompt": "now", "max_tokens": 1}).status_code == 200
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_serve_process_drains_on_sigterm_and_exits_0(tiny_qwen3):

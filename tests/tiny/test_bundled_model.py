@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from mixquant.tiny import bundled_model_path, tasks
 from mixquant.tiny.evaluate import evaluate
 from mixquant.utils.hf import resolve_model_path
 from tests.engine.helpers import engine_prompt_logits, hf_model
-from tests.server.conftest import running_server, server_config, tiny_engine
+from tests.server.conftest import free_port, running_server, server_config, tiny_engine
 
 # Correct answers out of HELDOUT greedy held-out examples that the test requires. A randomly initialised model of
 # the same shape answered 0 of 16 (it never writes the answer sentences); measured rates: docs/tiny-model.md.
@@ -83,12 +82,6 @@ def test_tool_call_and_boxed_answer_through_the_chat_endpoint():
         message = response.choices[0].message
         assert arithmetic.answer in message.content  # \boxed{N}
         assert " = " in message.reasoning_content  # the working, split off by the qwen3 reasoning parser
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_mixquant_serve_with_no_model_serves_the_bundled_one(tmp_path):
