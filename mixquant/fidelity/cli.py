@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         if args.limit is not None and args.limit < 1:
             raise FidelityInputError(f"--limit must be >= 1, got {args.limit}")
         pairs = parse_pairs(args.pairs)
-        rows = (read_prompts(args.prompts) if args.prompts else []) + (read_tasks(args.tasks, args.task_count) if args.tasks else [])
+        rows = (read_prompts(args.prompts) if args.prompts else []) + \
+            (read_tasks(args.tasks, args.task_count) if args.tasks else [])
     except FidelityInputError as error:
         print(f"mixquant fidelity: {error}", file=sys.stderr)
         return 2

@@ -2,8 +2,8 @@
 
     python -m mixquant.tiny.evaluate [MODEL] [--count 200] [--prefill-precision bf16] [--decode-precision bf16]
 
-Greedy, the prompt rendered with the model's chat template as the server renders it; an answer is correct when the
-generated text contains the example's gold string. MODEL defaults to the bundled mixquant-tiny.
+Greedy, the prompt rendered with the model's chat template as the server renders it; an answer is correct by
+`mixquant fidelity`'s rule (the gold string is in the generated text). MODEL defaults to the bundled mixquant-tiny.
 """
 from __future__ import annotations
 
@@ -11,19 +11,16 @@ import argparse
 import json
 from collections import defaultdict
 
+from mixquant.fidelity.run import BUCKETS, is_correct
 from mixquant.tiny import bundled_model_path, tasks
-
-LENGTH_BUCKETS = ((0, 512, "<512"), (512, 2048, "512-2k"), (2048, 4097, "2k-4k"))
 
 
 def length_bucket(tokens: int) -> str:
-    return next(name for low, high, name in LENGTH_BUCKETS if low <= tokens < high)
+    return next(name for low, high, name in BUCKETS if low <= tokens < high)
 
 
 def prompt_ids(tokenizer, example: tasks.Example) -> list[int]:
-    text = tokenizer.apply_chat_template(example.prompt_messages, tools=example.tools, tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(example.render_prompt(tokenizer), add_special_tokens=False)["input_ids"]
 
 
 def evaluate(llm, examples: list[tasks.Example], max_tokens: int = 160) -> dict:
@@ -37,7 +34,7 @@ def evaluate(llm, examples: list[tasks.Example], max_tokens: int = 160) -> dict:
     failures = []
     for example, ids, out in zip(examples, prompts, outputs):
         text = out.outputs[0].text
-        correct = example.answer in text
+        correct = is_correct(text, example.answer)
         for bucket in ("all", length_bucket(len(ids))):
             counts[example.task][bucket][0] += correct
             counts[example.task][bucket][1] += 1

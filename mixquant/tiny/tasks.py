@@ -52,6 +52,11 @@ class Example:
     def prompt_messages(self) -> list[dict]:
         return self.messages[:-1]
 
+    def render_prompt(self, tokenizer, enable_thinking: bool = True) -> str:
+        """The prompt as the server renders a request for it: the chat template with its generation prompt."""
+        return tokenizer.apply_chat_template(self.prompt_messages, tools=self.tools, tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=enable_thinking)
+
     def to_row(self) -> dict:
         """A `mixquant fidelity --tasks` / JSONL row, rendered with thinking on, as the model was trained."""
         row = {"task": self.task, "messages": self.prompt_messages, "answer": self.answer,
@@ -161,8 +166,7 @@ class ToolTurn:
     arguments: dict
     response: dict
     answer: str
-    recall: str  # the same fact asked for again later in a session
-    recall_answer: str
+    recall: str  # the same fact asked for again later in a session; the answer to it is `answer` again
 
     def call_text(self) -> str:
         """The call as the chat template renders it (and as the hermes parser reads it)."""
@@ -176,31 +180,31 @@ def tool_turn(rng: random.Random) -> ToolTurn:
         q = rng.choice((f"What is the weather in {city}?", f"How is the weather in {city} right now?"))
         ans = f"It is {temp} degrees and {cond} in {city}."
         return ToolTurn(q, name, {"city": city}, {"city": city, "temperature_c": temp, "condition": cond}, ans,
-                        f"What was the temperature in {city}?", ans)
+                        f"What was the temperature in {city}?")
     if name == "get_order_status":
         order, status = rng.randint(10000, 99999), rng.choice(ORDER_STATUSES)
         q = rng.choice((f"Where is my order {order}?", f"What is the status of order {order}?"))
         ans = f"Order {order} is {status}."
         return ToolTurn(q, name, {"order_id": order}, {"order_id": order, "status": status}, ans,
-                        f"What was the status of order {order}?", ans)
+                        f"What was the status of order {order}?")
     if name == "get_stock_price":
         symbol, price = rng.choice(SYMBOLS), rng.randint(5, 950)
         q = rng.choice((f"What is {symbol} trading at?", f"Give me the stock price of {symbol}."))
         ans = f"{symbol} is at {price} dollars."
         return ToolTurn(q, name, {"symbol": symbol}, {"symbol": symbol, "price_usd": price}, ans,
-                        f"What was the price of {symbol}?", ans)
+                        f"What was the price of {symbol}?")
     if name == "get_population":
         city, thousands = rng.choice(CITIES), rng.randint(50, 9999)
         q = rng.choice((f"How many people live in {city}?", f"What is the population of {city}?"))
         ans = f"{city} has {thousands} thousand people."
         return ToolTurn(q, name, {"city": city}, {"city": city, "population_thousands": thousands}, ans,
-                        f"What was the population of {city}?", ans)
+                        f"What was the population of {city}?")
     person = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
     dept, office = rng.choice(("sales", "legal", "research", "finance", "support")), rng.randint(100, 999)
     q = rng.choice((f"Which department is {person} in?", f"Find the office of {person}."))
     ans = f"{person} works in {dept}, office {office}."
     return ToolTurn(q, name, {"name": person}, {"name": person, "department": dept, "office": office}, ans,
-                    f"Which office was {person} in?", ans)
+                    f"Which office was {person} in?")
 
 
 def tools_for(rng: random.Random, needed: set[str]) -> list[dict]:
@@ -251,7 +255,7 @@ def multi_turn(rng: random.Random, max_turns: int = 10, max_records: int = 100) 
             facts.append(record_question(rng, records))
         messages += [{"role": "user", "content": turn.question}, *call_messages(turn),
                      {"role": "assistant", "content": turn.answer}]
-        facts.append((turn.recall, turn.recall_answer))
+        facts.append((turn.recall, turn.answer))
     question, answer = rng.choice(facts)
     messages += [{"role": "user", "content": f"Earlier in this conversation: {question}"},
                  {"role": "assistant", "content": answer}]

@@ -1,7 +1,7 @@
 """The byte-level BPE tokenizer of `mixquant-tiny`, trained on the task generator's text.
 
 It pre-tokenizes like Qwen3 (the same split pattern: digits one by one, NFC, byte-level), carries Qwen3's chat
-special tokens, and ships Qwen3's chat template (chat_template.jinja beside this file, Apache-2.0, Qwen team), so
+special tokens, and ships Qwen3's chat template (checkpoint/chat_template.jinja, Apache-2.0, Qwen team), so
 the server's template handling, the qwen3 reasoning parser and the hermes tool parser see what they see with Qwen3.
 
     python -m mixquant.tiny.tokenizer OUT_DIR    # writes tokenizer.json, tokenizer_config.json, chat_template.jinja
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from mixquant.tiny import tasks
+from mixquant.tiny import bundled_model_path, tasks
 
 QWEN3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -23,7 +22,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 # An upper bound: the tasks' words are few, so merges run out first (about 1.3k tokens).
 MAX_VOCAB_SIZE = 4096
-CHAT_TEMPLATE = (Path(__file__).parent / "chat_template.jinja").read_text()
+CHAT_TEMPLATE = (bundled_model_path() / "chat_template.jinja").read_text()
 CORPUS_SEED_BASE = 1 << 50  # corpus seeds are neither evaluation nor training seeds
 
 

@@ -34,20 +34,20 @@ TRAIN_MIX = {"retrieval": 0.5, "arithmetic": 0.15, "tool_use": 0.1, "multi_turn"
 SHORT_RETRIEVAL = {"fraction": 0.5, "max_records": (16, 48)}
 
 
-def model_config(vocab_size: int):
-    """About 17M parameters; 384 and 1024 are multiples of the FP8 (16) and NVFP4 (16) block sizes."""
+def model_config(tokenizer):
+    """About 16M parameters; 384 and 1024 are multiples of the FP8 (16) and NVFP4 (16) block sizes."""
     from transformers import Qwen3Config
 
     return Qwen3Config(
-        vocab_size=-(-vocab_size // 128) * 128, hidden_size=384, intermediate_size=1024, num_hidden_layers=10,
+        vocab_size=-(-len(tokenizer) // 128) * 128, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, hidden_size=384, intermediate_size=1024, num_hidden_layers=10,
         num_attention_heads=6, num_key_value_heads=2, head_dim=64, max_position_embeddings=SEQ_LEN,
         rope_theta=100000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, dtype="bfloat16")
 
 
 def encode(tokenizer, example: tasks.Example, enable_thinking: bool) -> tuple[list[int], int]:
     """Token ids of prompt + answer turn, and where the answer starts (the prompt as the server tokenizes it)."""
-    prompt = tokenizer.apply_chat_template(example.prompt_messages, tools=example.tools, tokenize=False,
-                                           add_generation_prompt=True, enable_thinking=enable_thinking)
+    prompt = example.render_prompt(tokenizer, enable_thinking)
     full = tokenizer.apply_chat_template(example.messages, tools=example.tools, tokenize=False)
     if not full.startswith(prompt):
         raise RuntimeError(f"{example.task}: the rendered conversation does not extend its prompt")
@@ -155,16 +155,13 @@ def train(args) -> Path:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = model_config(len(tokenizer))
-    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    config.bos_token_id = None
     model = (Qwen3ForCausalLM.from_pretrained(args.init_from, dtype=torch.float32) if args.init_from
-             else Qwen3ForCausalLM(config)).to(device)
+             else Qwen3ForCausalLM(model_config(tokenizer))).to(device)
     model.config._attn_implementation = attention_implementation(device)
     dense_mask = model.config._attn_implementation != "flex_attention"
     model.train()
     params = sum(p.numel() for p in model.parameters())
-    print(f"mixquant-tiny: {params / 1e6:.1f}M parameters, vocab {config.vocab_size}", flush=True)
+    print(f"mixquant-tiny: {params / 1e6:.1f}M parameters, vocab {model.config.vocab_size}", flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
                                   fused=device.type == "cuda")
     loader = DataLoader(PackedStream(args.tokenizer, args.seed), batch_size=args.batch_rows,

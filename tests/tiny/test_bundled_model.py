@@ -14,7 +14,7 @@ import torch
 
 from mixquant import LLM, tiny
 from mixquant.tiny import bundled_model_path, tasks
-from mixquant.tiny.evaluate import evaluate
+from mixquant.tiny.evaluate import evaluate, prompt_ids
 from mixquant.utils.hf import resolve_model_path
 from tests.engine.helpers import engine_prompt_logits, hf_model
 from tests.server.conftest import free_port, running_server, server_config, tiny_engine
@@ -43,9 +43,7 @@ def test_bundled_checkpoint_ships_in_the_package():
 
 def test_engine_matches_transformers_on_the_bundled_model(llm):
     example = tasks.generate("tool_use", 3, stage="answer")
-    tokenizer = llm.get_tokenizer()
-    ids = tokenizer(tokenizer.apply_chat_template(example.prompt_messages, tools=example.tools, tokenize=False,
-                                                  add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    ids = prompt_ids(llm.get_tokenizer(), example)
     ours = engine_prompt_logits(llm.engine, ids)
     reference = hf_model(bundled_model_path())
     assert 10 < sum(p.numel() for p in reference.parameters()) / 1e6 < 30  # 10-30M parameters
