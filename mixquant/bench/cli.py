@@ -1,6 +1,7 @@
 """`mixquant bench prefill|decode|serve`."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -9,6 +10,15 @@ from mixquant.config import PREFILL_ATTENTIONS
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
+
+
+def _attentions(text: str) -> tuple[str, ...]:
+    names = tuple(a for a in text.split(",") if a)
+    unknown = [a for a in names if a not in PREFILL_ATTENTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: each prefill attention must be one of "
+                                         f"{', '.join(PREFILL_ATTENTIONS)}")
+    return names
 
 
 def _add_model_arguments(p):
@@ -27,8 +37,9 @@ def register(subparsers):
     p.add_argument("--contexts", default="2048,4096,8192,32768")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compare", choices=["transformers"], help="add transformers (sdpa, BF16) rows")
-    p.add_argument("--prefill-attention", default="bf16", choices=PREFILL_ATTENTIONS,
-                   help="attention of the prompt tokens in every mixquant row: bf16 (SDPA) or fp8 (Triton kernel)")
+    p.add_argument("--prefill-attention", default="bf16", type=_attentions,
+                   help="attention of the prompt tokens, one or a comma list, each run with every pair: bf16 (SDPA) "
+                        "or fp8 (Triton kernel); e.g. bf16,fp8")
     p.set_defaults(func=run_offline, kind="prefill")
     p = bench.add_parser("decode", help="decode tokens/s and GB/s per pair and batch")
     _add_model_arguments(p)
@@ -57,7 +68,7 @@ def run_offline(args) -> int:
     ceilings = offline.measure_ceilings()
     if args.kind == "prefill":
         rows = offline.bench_prefill(model, pairs, _ints(args.contexts), args.repeats, overrides,
-                                     args.compare == "transformers", prefill_attention=args.prefill_attention)
+                                     args.compare == "transformers", attentions=args.prefill_attention)
     else:
         rows = offline.bench_decode(model, pairs, _ints(args.batches), args.context, args.steps, overrides,
                                     eager=args.enforce_eager)

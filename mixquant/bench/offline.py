@@ -35,7 +35,13 @@ class Row:
     tflops: float | None = None
     gbps: float | None = None
     ratio_to_baseline: float | None = None
+    prefill_attention: str = "bf16"  # "fp8": the prompt's attention ran in the FP8 Triton kernel
     notes: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        attention = " fp8-attn" if self.prefill_attention == "fp8" else ""
+        return f"{self.prefill_precision}/{self.decode_precision}{attention}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,12 +122,13 @@ def memory_notes(engine: LLMEngine) -> dict:
 
 
 def bench_prefill(model: str, pairs: list[str], contexts: list[int], repeats: int, hf_overrides: dict | None,
-                  compare_transformers: bool, prefill_attention: str = "bf16") -> list[Row]:
+                  compare_transformers: bool, attentions: tuple[str, ...] = ("bf16",)) -> list[Row]:
+    """Every pair with every prompt attention (bf16 SDPA, fp8 Triton), each against bf16/bf16 with bf16 attention."""
     rows: list[Row] = []
-    for pair in pairs:
+    for pair, attention in [(p, a) for a in attentions for p in pairs]:
         engine = _engine(model, pair, max(contexts) + 16, max(contexts), 4, hf_overrides, eager=True,
-                         prefill_attention=prefill_attention)
-        notes = {**memory_notes(engine), "prefill_attention": prefill_attention}
+                         prefill_attention=attention)
+        notes = memory_notes(engine)
         for context in contexts:
             prompt = _random_prompt(context, engine.hf_config.vocab_size, context)
 
@@ -133,7 +140,8 @@ def bench_prefill(model: str, pairs: list[str], contexts: list[int], repeats: in
             t = timed(one_prefill, repeats, warmup=2)  # the second run settles the fused kernels' compiles
             prefill, decode = pair.split("/")
             rows.append(Row("prefill", "mixquant", prefill, decode, context, 1, context / t, t,
-                            tflops=prefill_flops(engine.hf_config, context) / t / 1e12, notes=dict(notes)))
+                            tflops=prefill_flops(engine.hf_config, context) / t / 1e12, prefill_attention=attention,
+                            notes=dict(notes)))
             print(_line(rows[-1]), flush=True)
         del engine
         _release_memory()
@@ -203,9 +211,10 @@ def _decode_weight_bytes(engine: LLMEngine) -> int:
 
 
 def _set_ratios(rows: list[Row], kind: str):
-    """Each row against the mixquant bf16/bf16 row of the same context and batch (transformers: the same)."""
+    """Each row against the mixquant bf16/bf16 row (bf16 attention) of the same context and batch (transformers:
+    the same)."""
     base = {(r.context, r.batch): r for r in rows if r.engine == "mixquant" and r.kind == kind
-            and r.prefill_precision == "bf16" and r.decode_precision == "bf16"}
+            and r.label == "bf16/bf16"}
     for r in rows:
         ref = base.get((r.context, r.batch))
         r.ratio_to_baseline = round(r.tokens_per_s / ref.tokens_per_s, 3) if ref else None
@@ -213,6 +222,6 @@ def _set_ratios(rows: list[Row], kind: str):
 
 def _line(r: Row) -> str:
     rate = f"{r.tflops:7.1f} TFLOP/s" if r.tflops is not None else f"{r.gbps:7.0f} GB/s"
-    return (f"{r.kind:8} {r.engine:12} {r.prefill_precision + '/' + r.decode_precision:12} ctx {r.context:7d} "
+    return (f"{r.kind:8} {r.engine:12} {r.label:21} ctx {r.context:7d} "
             f"batch {r.batch:4d} {r.tokens_per_s:11.1f} tok/s  {rate}")
 

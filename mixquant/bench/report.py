@@ -8,12 +8,12 @@ def print_table(rows, ceilings: dict):
     if ceilings:
         print(f"ceilings measured in this run: BF16 matmul {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s, "
               f"copy {ceilings['copy_gbps']:.0f} GB/s")
-    print(f"{'kind':8} {'engine':12} {'pair':12} {'context':>8} {'batch':>5} {'tok/s':>11} {'rate':>14} "
+    print(f"{'kind':8} {'engine':12} {'pair':21} {'context':>8} {'batch':>5} {'tok/s':>11} {'rate':>14} "
           f"{'vs bf16':>8}")
     for r in rows:
         rate = f"{r.tflops:.0f} TFLOP/s" if r.tflops is not None else f"{r.gbps:.0f} GB/s"
         ratio = f"{r.ratio_to_baseline:.2f}x" if r.ratio_to_baseline is not None else "-"
-        print(f"{r.kind:8} {r.engine:12} {r.prefill_precision + '/' + r.decode_precision:12} {r.context:8d} "
+        print(f"{r.kind:8} {r.engine:12} {r.label:21} {r.context:8d} "
               f"{r.batch:5d} {r.tokens_per_s:11.1f} {rate:>14} {ratio:>8}")
 
 
@@ -27,7 +27,7 @@ def plot_rows(rows, kind: str, path: Path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list] = {}
     for r in rows:
-        series.setdefault(f"{r.engine} {r.prefill_precision}/{r.decode_precision}", []).append(r)
+        series.setdefault(f"{r.engine} {r.label}", []).append(r)
     for label, rs in series.items():
         rs = sorted(rs, key=x_of)
         ax.plot([x_of(r) for r in rs], [r.tokens_per_s for r in rs], marker="o", label=label)

@@ -34,3 +34,22 @@ def test_flop_count_of_the_qwen3_8b_shape():
     tokens = 8192
     attention = 4 * 32 * 128 * tokens * (tokens + 1) / 2 * 36
     assert prefill_flops(config, tokens) == 2 * linear_params(config) * tokens + 2 * 4096 * 151936 + attention
+
+
+def test_rows_with_fp8_attention_compare_to_bf16_attention():
+    from mixquant.bench.offline import Row, _set_ratios
+
+    rows = [Row("prefill", "mixquant", "bf16", "bf16", 4096, 1, 100.0, 1.0),
+            Row("prefill", "mixquant", "bf16", "bf16", 4096, 1, 150.0, 1.0, prefill_attention="fp8"),
+            Row("prefill", "mixquant", "fp8", "bf16", 4096, 1, 200.0, 1.0, prefill_attention="fp8")]
+    _set_ratios(rows, "prefill")
+    assert [r.label for r in rows] == ["bf16/bf16", "bf16/bf16 fp8-attn", "fp8/bf16 fp8-attn"]
+    assert [r.ratio_to_baseline for r in rows] == [1.0, 1.5, 2.0]
+
+
+def test_unknown_prefill_attention_is_named(tiny_qwen3, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["bench", "prefill", "--model", str(tiny_qwen3), "--prefill-attention", "bf16,fp16"])
+    assert "'bf16,fp16': each prefill attention must be one of bf16, fp8" in capsys.readouterr().err
