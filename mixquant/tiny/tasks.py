@@ -88,18 +88,20 @@ def make_records(rng: random.Random, count: int) -> list[Record]:
 
 
 def record_question(rng: random.Random, records: list[Record]) -> tuple[str, str]:
-    """A question about one or several of the records, and its deterministic answer."""
+    """A question about one or several of the records, and its deterministic answer. The answer quotes the record
+    from the key asked by up to the field asked for, in the line's own order: each token then follows the one before
+    it as in the list (a copy), where an answer that names the field first needs a lookup back to its key."""
     kind = rng.choice(("value_by_id", "name_by_id", "city_by_name", "several"))
     r = rng.choice(records)
     if kind == "value_by_id":
-        return f"What is the value of record {r.id}?", f"Record {r.id} has value {r.value}."
+        return f"What is the value of record {r.id}?", f"Record {r.id}: value {r.value}."
     if kind == "name_by_id":
-        return f"What is the name on record {r.id}?", f"Record {r.id} is {r.name}."
+        return f"What is the name on record {r.id}?", f"Record {r.id}: value {r.value}, name {r.name}."
     if kind == "city_by_name":
-        return f"Which city is {r.name} in?", f"{r.name} is in {r.city}."
+        return f"Which city is {r.name} in?", f"Name {r.name}, city {r.city}."
     chosen = rng.sample(records, min(len(records), rng.randint(2, 3)))
     ids = ", ".join(str(c.id) for c in chosen[:-1]) + f" and {chosen[-1].id}"
-    return f"What are the values of records {ids}?", " ".join(f"Record {c.id} has value {c.value}." for c in chosen)
+    return f"What are the values of records {ids}?", " ".join(f"Record {c.id}: value {c.value}." for c in chosen)
 
 
 def retrieval(rng: random.Random, max_records: int = 190) -> Example:
@@ -178,7 +180,7 @@ def tool_turn(rng: random.Random) -> ToolTurn:
     if name == "get_weather":
         city, temp, cond = rng.choice(CITIES), rng.randint(-15, 40), rng.choice(CONDITIONS)
         q = rng.choice((f"What is the weather in {city}?", f"How is the weather in {city} right now?"))
-        ans = f"It is {temp} degrees and {cond} in {city}."
+        ans = f"In {city} it is {temp} degrees and {cond}."  # the key first, as in every answer: recall is a copy
         return ToolTurn(q, name, {"city": city}, {"city": city, "temperature_c": temp, "condition": cond}, ans,
                         f"What was the temperature in {city}?")
     if name == "get_order_status":
