@@ -10,7 +10,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 status=0
 step() { echo "=== $*"; "$@" || status=1; }
 
-step python3 gpu_tests/check_kernels.py
+OUT="$out" step python3 gpu_tests/check_kernels.py
 step python3 gpu_tests/check_engine.py --out "$out"
 if [ "$mode" = quick ]; then
   contexts=2048,8192; batches=1,32
@@ -19,8 +19,10 @@ else
 fi
 step python3 -m mixquant.cli bench prefill --pairs bf16/bf16,fp8/bf16,nvfp4/bf16 --contexts $contexts \
   --compare transformers --repeats 3 --output-dir "$out/prefill"
+[ "$mode" = quick ] || step python3 -m mixquant.cli bench prefill --pairs bf16/bf16,fp8/bf16 \
+  --prefill-attention bf16,fp8 --contexts 4096,32768 --repeats 2 --output-dir "$out/prefill-attention"
 [ "$mode" = quick ] || step python3 -m mixquant.cli bench prefill --yarn --pairs bf16/bf16,fp8/bf16 \
-  --contexts 131000 --repeats 2 --output-dir "$out/prefill-128k"
+  --contexts 131000 --repeats 1 --output-dir "$out/prefill-128k"
 step python3 -m mixquant.cli bench decode --pairs bf16/bf16,fp8/bf16,nvfp4/bf16 --batches $batches \
   --context 2048 --output-dir "$out/decode"
 exit $status
