@@ -15,8 +15,8 @@
    tokens (one key made to match one query: that query's output must be the key's value, as with SDPA); then
    do_bench medians against SDPA at 4k-128k in TFLOP/s, and a sweep of tile shapes at 32k. About a minute.
 
-Usage: PYTHONPATH=. python3 gpu_tests/check_kernels.py [--only fp8-prefill]   (writes $OUT/kernels.json when OUT
-is set; exit 1 on a failed check)
+Usage: PYTHONPATH=. python3 gpu_tests/check_kernels.py [--only fp8-prefill] [--fp8-tile 128x128x8x3]
+(writes $OUT/kernels.json when OUT is set; exit 1 on a failed check; --fp8-tile: the launch shape of section 3)
 """
 from __future__ import annotations
 
@@ -360,12 +360,12 @@ def exact_rows(q, k, v, rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def check_fp8_prefill(lengths=(4096, 32768)) -> list[dict]:
+def check_fp8_prefill(config: PrefillConfig, lengths=(4096, 32768)) -> list[dict]:
     results = []
     for tokens in lengths:
         q, k, v = prefill_qkv(tokens, seed=tokens)
         out = torch.full_like(q, float("nan"))
-        fp8_prefill_attention(q, k, v, SCALE, out)
+        fp8_prefill_attention(q, k, v, SCALE, out, config=config)
         sdpa = sdpa_prefill(q, k, v)
         rows = torch.linspace(0, tokens - 1, 96, device=DEV).long()
         exact = exact_rows(q, k, v, rows)
@@ -373,7 +373,7 @@ def check_fp8_prefill(lengths=(4096, 32768)) -> list[dict]:
                  rows_rel_err_vs_float64=rel_err(out[rows], exact),
                  sdpa_rows_rel_err_vs_float64=rel_err(sdpa[rows], exact))
         if tokens <= 4096:  # the emulation holds float32 copies of everything: the short length only
-            r["rel_err_vs_emulation"] = rel_err(out, fp8_attention_reference(q, k, v, SCALE))
+            r["rel_err_vs_emulation"] = rel_err(out, fp8_attention_reference(q, k, v, SCALE, config))
         r["ok"] = (r["finite"] and r["rel_err_vs_sdpa"] < FP8_VS_SDPA
                    and r.get("rel_err_vs_emulation", 0) < FP8_VS_EMULATION)
         results.append(r)
@@ -385,7 +385,7 @@ def check_fp8_prefill(lengths=(4096, 32768)) -> list[dict]:
     return results
 
 
-def check_needles(lengths=(32768, 131072)) -> list[dict]:
+def check_needles(config: PrefillConfig, lengths=(32768, 131072)) -> list[dict]:
     """Per length, four (query, key) pairs in different heads, one key each made to match its query far above the
     other keys (score ~30 against N(0, 1)): the query's output must be that key's value, as SDPA's is."""
     results = []
@@ -398,7 +398,7 @@ def check_needles(lengths=(32768, 131072)) -> list[dict]:
                  (tokens // 3, tokens // 3 - 3, 27)]
         for query, key, head in pairs:
             k[key, head // group] = q[query, head] * 2.7  # q.k * SCALE ~ 2.7 * 128 / sqrt(128) ~ 30
-        out = fp8_prefill_attention(q, k, v, SCALE)
+        out = fp8_prefill_attention(q, k, v, SCALE, config=config)
         sdpa = sdpa_prefill(q, k, v)
         for query, key, head in pairs:
             value = v[key, head // group]
@@ -416,14 +416,14 @@ def causal_flops(tokens: int) -> float:
     return 2 * 2 * HEADS * tokens * tokens / 2 * HEAD_DIM
 
 
-def bench_fp8_prefill(lengths=(4096, 8192, 32768, 131072)) -> list[dict]:
+def bench_fp8_prefill(config: PrefillConfig, lengths=(4096, 8192, 32768, 131072)) -> list[dict]:
     results = []
     for tokens in lengths:
         q, k, v = prefill_qkv(tokens, seed=3)
         out = torch.empty_like(q)
-        kernel = median_ms(lambda: fp8_prefill_attention(q, k, v, SCALE, out))
-        quant = median_ms(lambda: (quantize_blocks_fp8(k, PrefillConfig().block_n),
-                                   quantize_blocks_fp8(v, PrefillConfig().block_n, transpose=True)))
+        kernel = median_ms(lambda: fp8_prefill_attention(q, k, v, SCALE, out, config=config))
+        quant = median_ms(lambda: (quantize_blocks_fp8(k, config.block_n),
+                                   quantize_blocks_fp8(v, config.block_n, transpose=True)))
         sdpa = median_ms(lambda: sdpa_prefill(q, k, v))
         flops = causal_flops(tokens)
         results.append(dict(tokens=tokens, kernel_ms=kernel, kv_quant_ms=quant, sdpa_ms=sdpa,
@@ -459,9 +459,10 @@ def print_fp8_prefill(report: dict):
               f"warps={r['num_warps']} stages={r['num_stages']}: {r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s")
 
 
-def fp8_prefill_report() -> dict:
-    report = dict(fp8_prefill_checks=check_fp8_prefill(), needle_checks=check_needles())
-    report["fp8_prefill_timings"] = bench_fp8_prefill()
+def fp8_prefill_report(config: PrefillConfig) -> dict:
+    report = dict(fp8_prefill_config=vars(config), fp8_prefill_checks=check_fp8_prefill(config),
+                  needle_checks=check_needles(config))
+    report["fp8_prefill_timings"] = bench_fp8_prefill(config)
     report["fp8_prefill_tuning"] = tune_fp8_prefill()
     return report
 
@@ -469,9 +470,19 @@ def fp8_prefill_report() -> dict:
 # ---- report ----------------------------------------------------------------------------------------------------
 
 
+def parse_tile(text: str) -> PrefillConfig:
+    try:
+        block_m, block_n, warps, stages = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BLOCK_MxBLOCK_NxWARPSxSTAGES, e.g. 128x128x8x3") from None
+    return PrefillConfig(block_m, block_n, warps, stages)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="GPU checks and timings of mixquant.kernels")
     parser.add_argument("--only", choices=["fp8-prefill"], help="run one section only")
+    parser.add_argument("--fp8-tile", type=parse_tile, default=PrefillConfig(), metavar="MxNxWARPSxSTAGES",
+                        help="the fp8 prefill launch shape its checks and timings use (default: PrefillConfig())")
     args = parser.parse_args()
     start = time.time()
     report: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
@@ -482,7 +493,7 @@ def main() -> int:
         report["quant_checks"] = check_quant()
         checks += report["attention_checks"] + [report["graph_check"]] + report["quant_checks"]
     fp8_start = time.time()
-    report.update(fp8_prefill_report())
+    report.update(fp8_prefill_report(args.fp8_tile))
     report["fp8_prefill_wall_s"] = time.time() - fp8_start
     checks += report["fp8_prefill_checks"] + report["needle_checks"]
     if args.only is None:
