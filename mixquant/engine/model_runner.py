@@ -29,6 +29,10 @@ class Segment:
     end: int  # one past the last position
     phase: Phase
 
+    @property
+    def is_decode_token(self) -> bool:
+        return self.phase is Phase.DECODE and self.end - self.start == 1
+
 
 @dataclass
 class StepInputs:
@@ -188,21 +192,29 @@ class ModelRunner:
         num_prefill = sum(seg.end - seg.start for seg in ordered if seg.phase is Phase.PREFILL)
         dev = self.device
         slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
-        if all(seg.end - seg.start == 1 and seg.phase is Phase.DECODE for seg in ordered):
-            width = max(len(seg.seq.block_table) for seg in ordered)
-            tables = torch.tensor([seg.seq.block_table + [0] * (width - len(seg.seq.block_table)) for seg in ordered],
-                                  dtype=torch.long, device=dev)
-            lens = torch.tensor([seg.end for seg in ordered], dtype=torch.long, device=dev)
+        # the trailing single-token decode segments attend in one paged-decode call (all of them, in a decode step)
+        tail = len(ordered)
+        while tail and ordered[tail - 1].is_decode_token:
+            tail -= 1
+        tables, lens = self._decode_tables(ordered[tail:]) if tail < len(ordered) else (None, None)
+        if tail == 0:
             ctx = ForwardContext(0, slot_mapping, block_tables=tables, context_lens=lens)
         else:
             segments = [AttentionSegment(start, start + seg.end - seg.start, seg.start,
                                          torch.tensor(seg.seq.block_table, device=dev))
-                        for start, seg in zip(row_starts, ordered)]
-            ctx = ForwardContext(num_prefill, slot_mapping, segments=segments,
-                                 prefill_attention=self.config.prefill_attention)
+                        for start, seg in zip(row_starts[:tail], ordered[:tail])]
+            ctx = ForwardContext(num_prefill, slot_mapping, segments=segments, block_tables=tables,
+                                 context_lens=lens, prefill_attention=self.config.prefill_attention)
         return StepInputs(torch.tensor(input_ids, dtype=torch.long, device=dev),
                           torch.tensor(positions, dtype=torch.long, device=dev), ctx, sample_rows, prompt_rows,
                           {Phase.PREFILL: num_prefill, Phase.DECODE: row - num_prefill})
+
+    def _decode_tables(self, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables padded to one width, and context lengths, of single-token decode segments."""
+        width = max(len(seg.seq.block_table) for seg in segments)
+        tables = torch.tensor([seg.seq.block_table + [0] * (width - len(seg.seq.block_table)) for seg in segments],
+                              dtype=torch.long, device=self.device)
+        return tables, torch.tensor([seg.end for seg in segments], dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:

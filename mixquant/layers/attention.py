@@ -24,6 +24,9 @@ class TorchAttentionBackend:
             # rows are laid out [prefill | decode]: only prefill segments may take the FP8 path
             fp8 = ctx.prefill_attention == "fp8" and seg.row_end <= ctx.num_prefill_rows
             out[seg.row_start:seg.row_end] = self._segment(q, k, v, k_cache, v_cache, seg, scale, fp8)
+        if ctx.context_lens is not None:  # the decode rows beside a prefill: one batched read of the paged cache
+            tail = q.shape[0] - ctx.context_lens.shape[0]
+            out[tail:] = self._decode(q[tail:], k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
         return out
 
     @staticmethod

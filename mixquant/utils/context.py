@@ -26,9 +26,10 @@ class ForwardContext:
     num_prefill_rows: int
     slot_mapping: torch.Tensor  # [rows] flat KV slot each row writes
     segments: list[AttentionSegment] | None = None  # general path: any mix of prefill and decode rows
-    # decode-only steps (every row a single-token segment): tensors of fixed shape, so the step can be graph-captured
-    block_tables: torch.Tensor | None = None  # [rows, max_blocks]
-    context_lens: torch.Tensor | None = None  # [rows]
+    # The last len(context_lens) rows, single-token decode rows, attend as one batch through the paged cache; in a
+    # decode-only step (no segments) that is every row, in tensors of fixed shape a CUDA graph can capture.
+    block_tables: torch.Tensor | None = None  # [decode rows, max_blocks]
+    context_lens: torch.Tensor | None = None  # [decode rows]
     # EngineConfig.prefill_attention: "fp8" runs prefill segments with nothing cached through the FP8 kernel
     prefill_attention: str = "bf16"
 
