@@ -12,14 +12,21 @@ init=${3:-}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 work=/tmp/tiny && rm -rf $work && mkdir -p $work $out
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -m mixquant.tiny.train --output-dir $work/checkpoint --minutes "$minutes" ${init:+--init-from "$init"} ${TRAIN_ARGS:-} \
-  2>&1 | tee $work/train.log
 pack() { (cd $work && tar cf - . | split -b 15M - "$out/tiny.tar.part-"); }
+python3 -m mixquant.tiny.train --output-dir $work/checkpoint --minutes "$minutes" ${init:+--init-from "$init"} ${TRAIN_ARGS:-} \
+  2>&1 | tee $work/train.log || { echo "=== training failed: nothing to measure"; pack; exit 1; }
 [ "${EVAL:-1}" = 1 ] || { pack; exit 0; }
 pack  # the checkpoint is safe even if a measurement below runs out of time
+# timeout exits 124 when it stops a command: say so, since a stopped measurement writes nothing
+said() {  # exit status, what ran, its timeout
+  case $1 in 0) ;; 124) echo "=== $2 stopped by its ${3}s timeout: no result" ;; *) echo "=== $2 failed (exit $1)" ;; esac
+}
 timeout ${EVAL_TIMEOUT:-120} python3 -m mixquant.tiny.evaluate $work/checkpoint --count 200 --output $work/heldout-bf16.json \
-  2>&1 | tee $work/heldout.log
-[ "${FIDELITY:-1}" = 1 ] && timeout ${FIDELITY_TIMEOUT:-200} python3 -m mixquant.cli fidelity $work/checkpoint --tasks tiny --task-count ${TASK_COUNT:-50} --max-tokens 200 \
-  --output-dir $work/fidelity-gpu 2>&1 | tail -40
+  > $work/heldout.log 2>&1; said $? "held-out evaluation" ${EVAL_TIMEOUT:-120}; tail -20 $work/heldout.log
+if [ "${FIDELITY:-1}" = 1 ]; then
+  timeout ${FIDELITY_TIMEOUT:-200} python3 -m mixquant.cli fidelity $work/checkpoint --tasks tiny --task-count ${TASK_COUNT:-50} \
+    --max-tokens 200 --output-dir $work/fidelity-gpu > $work/fidelity.log 2>&1
+  said $? fidelity ${FIDELITY_TIMEOUT:-200}; tail -40 $work/fidelity.log
+fi
 rm -f "$out"/tiny.tar.part-* && pack
 ls -la $out
