@@ -87,12 +87,20 @@ def make_records(rng: random.Random, count: int) -> list[Record]:
     return [Record(i, n, rng.choice(CITIES), rng.randint(1, 999)) for i, n in zip(ids, names)]
 
 
-def record_question(rng: random.Random, records: list[Record]) -> tuple[str, str]:
+# What a retrieval question asks. Held-out sets ask QUESTION_KINDS; training may add "line_by_id" (quote the whole
+# record), which only exercises the copy that the other answers are made of.
+QUESTION_KINDS = ("value_by_id", "name_by_id", "city_by_name", "several")
+
+
+def record_question(rng: random.Random, records: list[Record],
+                    kinds: tuple[str, ...] = QUESTION_KINDS) -> tuple[str, str]:
     """A question about one or several of the records, and its deterministic answer. The answer quotes the record
     from the key asked by up to the field asked for, in the line's own order: each token then follows the one before
     it as in the list (a copy), where an answer that names the field first needs a lookup back to its key."""
-    kind = rng.choice(("value_by_id", "name_by_id", "city_by_name", "several"))
+    kind = rng.choice(kinds)
     r = rng.choice(records)
+    if kind == "line_by_id":
+        return f"Show record {r.id} as listed.", f"R{r.line()[1:]}."
     if kind == "value_by_id":
         return f"What is the value of record {r.id}?", f"Record {r.id}: value {r.value}."
     if kind == "name_by_id":
@@ -104,9 +112,9 @@ def record_question(rng: random.Random, records: list[Record]) -> tuple[str, str
     return f"What are the values of records {ids}?", " ".join(f"Record {c.id}: value {c.value}." for c in chosen)
 
 
-def retrieval(rng: random.Random, max_records: int = 190) -> Example:
+def retrieval(rng: random.Random, max_records: int = 190, kinds: tuple[str, ...] = QUESTION_KINDS) -> Example:
     records = make_records(rng, rng.randint(4, max_records))
-    question, answer = record_question(rng, records)
+    question, answer = record_question(rng, records, kinds)
     user = "Here are the records:\n" + "\n".join(r.line() for r in records) + f"\n\nQuestion: {question}"
     return Example("retrieval", [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user},
                                  {"role": "assistant", "content": answer}], answer,

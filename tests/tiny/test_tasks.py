@@ -59,6 +59,19 @@ def test_answers_follow_from_the_prompt():
     assert call.messages[-1]["tool_calls"][0]["function"]["name"] == name
 
 
+def test_whole_line_questions_are_for_training_only():
+    from mixquant.tiny.train import TRAIN_QUESTION_KINDS
+
+    assert not any("as listed" in e.messages[1]["content"] for e in tasks.heldout("retrieval", 60))
+    quotes = [tasks.generate("retrieval", tasks.TRAIN_SEED_BASE + s, kinds=TRAIN_QUESTION_KINDS) for s in range(30)]
+    quotes = [e for e in quotes if "as listed" in e.messages[1]["content"]]
+    assert 3 <= len(quotes) <= 20  # about a third
+    for e in quotes:
+        record_id = e.messages[1]["content"].split("Show record ")[1].split(" ")[0]
+        [line] = [r for r in e.messages[1]["content"].splitlines() if r.startswith(f"record {record_id}:")]
+        assert e.answer == "R" + line[1:] + "."
+
+
 def test_multi_turn_recalls_a_fact_of_the_session():
     for seed in range(20):
         example = tasks.generate("multi_turn", seed)
