@@ -197,14 +197,11 @@ class ModelRunner:
         while tail and ordered[tail - 1].is_decode_token:
             tail -= 1
         tables, lens = self._decode_tables(ordered[tail:]) if tail < len(ordered) else (None, None)
-        if tail == 0:
-            ctx = ForwardContext(0, slot_mapping, block_tables=tables, context_lens=lens)
-        else:
-            segments = [AttentionSegment(start, start + seg.end - seg.start, seg.start,
-                                         torch.tensor(seg.seq.block_table, device=dev))
-                        for start, seg in zip(row_starts[:tail], ordered[:tail])]
-            ctx = ForwardContext(num_prefill, slot_mapping, segments=segments, block_tables=tables,
-                                 context_lens=lens, prefill_attention=self.config.prefill_attention)
+        segments = [AttentionSegment(start, start + seg.end - seg.start, seg.start,
+                                     torch.tensor(seg.seq.block_table, device=dev))
+                    for start, seg in zip(row_starts[:tail], ordered[:tail])]
+        ctx = ForwardContext(num_prefill, slot_mapping, segments=segments or None, block_tables=tables,
+                             context_lens=lens, prefill_attention=self.config.prefill_attention)
         return StepInputs(torch.tensor(input_ids, dtype=torch.long, device=dev),
                           torch.tensor(positions, dtype=torch.long, device=dev), ctx, sample_rows, prompt_rows,
                           {Phase.PREFILL: num_prefill, Phase.DECODE: row - num_prefill})

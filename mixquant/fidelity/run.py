@@ -50,7 +50,6 @@ DEFAULT_PROMPTS = [
 BUCKETS = [(0, 512, "<512"), (512, 2048, "512-2k"), (2048, 8192, "2k-8k"), (8192, 1 << 62, ">=8k")]
 BUCKET_NAMES = [name for _, _, name in BUCKETS]
 ALL = "all"
-TINY_TASKS_PER_TASK = 100  # `--tasks tiny`: held-out examples of each task
 
 
 class FidelityInputError(ValueError):
@@ -161,7 +160,7 @@ def read_prompts(path: str | None, require_answer: bool = False) -> list[dict]:
     return rows
 
 
-def read_tasks(spec: str, per_task: int = TINY_TASKS_PER_TASK) -> list[dict]:
+def read_tasks(spec: str, per_task: int) -> list[dict]:
     """`--tasks`: a JSONL of prompts that all carry gold answers, or `tiny`: the held-out examples of the bundled
     model's task generator (`mixquant.tiny.tasks`, seeds 0..per_task-1 of each task)."""
     if spec == "tiny":
