@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Agentic replay against mixquant serve, one server per precision pair, on the Qwen3-8B shape (random weights).
 #   bash gpu_tests/bench_serve.sh OUT_DIR [bench serve flags...]
-# Needs .carry/server-wheels (fastapi, uvicorn, ... are not in the device image) and .carry/qwen3-tokenizer.
+# Needs .carry/server-wheels (fastapi and what it needs beyond the device image: starlette, pydantic, pydantic_core,
+# annotated_types, typing_inspection, typing_extensions, opentelemetry_api, uvicorn) and .carry/qwen3-tokenizer.
 set -uo pipefail
 out=${1:?usage: bench_serve.sh OUT_DIR [flags]}
 shift
@@ -16,7 +17,15 @@ for pair in bf16/bf16 fp8/bf16; do
     --served-model-name qwen3-8b-shape --prefill-precision ${pair%/*} --decode-precision ${pair#*/} \
     --max-model-len 40960 --port 8011 --uvicorn-log-level warning > "$out/server-$name.log" 2>&1 &
   server=$!
-  for _ in $(seq 240); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
+  up=0  # a server that exits while starting fails the pair at once, not after the whole wait
+  for _ in $(seq 240); do
+    curl -sf localhost:8011/health >/dev/null && { up=1; break; }
+    kill -0 $server 2>/dev/null || break
+    sleep 1
+  done
+  if [ $up = 0 ]; then
+    echo "=== server $pair did not start:"; tail -5 "$out/server-$name.log"; kill $server 2>/dev/null; status=1; continue
+  fi
   python3 -m mixquant.cli bench serve --base-url http://127.0.0.1:8011/v1 --model qwen3-8b-shape \
     --output "$out/serve-$name.json" "$@" || status=1
   kill -TERM $server; wait $server
