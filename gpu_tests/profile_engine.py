@@ -1,6 +1,7 @@
 """Where does a step's time go? Profiles one prefill step and a few decode steps on the Qwen3-8B shape.
 
-Usage: PYTHONPATH=. python3 gpu_tests/profile_engine.py [--pairs bf16/bf16,fp8/bf16] [--context 4096]
+Usage: PYTHONPATH=. python3 gpu_tests/profile_engine.py [--pairs bf16/bf16,fp8/bf16] [--context 4096] [--quick]
+(carry .carry/qwen3-tokenizer)
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_tests.check_engine import write_config_dir
+from mixquant import LLM, SamplingParams
 
 
 def attention_variants(n: int):
@@ -40,8 +42,47 @@ def attention_variants(n: int):
             print(f"attention n={n} {name:24} failed: {type(e).__name__}: {str(e)[:120]}")
 
 
+def host_timeline(engine, ids: list[int], repeats: int = 3):
+    """Is a prefill step bound by the host? Times, without the profiler, the Python side of each stage of one step:
+    building the inputs, issuing the forward (launches are asynchronous: this is the host's cost), the GPU work left
+    once the forward has returned, and the rest of the step (logits, sampling). A GPU tail near zero means the
+    GPU waited on the host."""
+    runner = engine.runner
+    prepare, forward = runner.prepare, runner.forward
+    stages: dict[str, float] = {}
+
+    def timed_prepare(batch):
+        t = time.perf_counter()
+        out = prepare(batch)
+        stages["prepare"] = time.perf_counter() - t
+        return out
+
+    def timed_forward(inputs):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = forward(inputs)
+        stages["forward issue"] = time.perf_counter() - t
+        torch.cuda.synchronize()
+        stages["GPU tail"] = time.perf_counter() - t - stages["forward issue"]
+        return out
+
+    runner.prepare, runner.forward = timed_prepare, timed_forward
+    try:
+        for r in range(repeats):
+            engine.add_request(f"host{r}", ids, SamplingParams(max_tokens=1, ignore_eos=True))
+            t = time.perf_counter()
+            engine.step()
+            total = time.perf_counter() - t
+            rest = total - sum(stages.values())
+            print(f"host timeline {len(ids)} tokens: step {total * 1e3:.1f} ms = " +
+                  " + ".join(f"{k} {v * 1e3:.1f}" for k, v in stages.items()) + f" + rest {rest * 1e3:.1f} ms")
+            while engine.has_unfinished_requests():
+                engine.step()
+    finally:
+        runner.prepare, runner.forward = prepare, forward
+
+
 def profile_pair(path, pair: str, context: int):
-    from mixquant import LLM, SamplingParams
 
     prefill, decode = pair.split("/")
     llm = LLM(str(path), load_format="dummy", prefill_precision=prefill, decode_precision=decode,
@@ -53,6 +94,7 @@ def profile_pair(path, pair: str, context: int):
         engine.add_request("w", ids, SamplingParams(max_tokens=2, ignore_eos=True))
         while engine.has_unfinished_requests():
             engine.step()
+    host_timeline(engine, ids)
     engine.add_request("r", ids, SamplingParams(max_tokens=9, ignore_eos=True))
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
