@@ -113,7 +113,8 @@ def record_question(rng: random.Random, records: list[Record],
 
 
 def retrieval(rng: random.Random, max_records: int = 190, kinds: tuple[str, ...] = QUESTION_KINDS) -> Example:
-    records = make_records(rng, rng.randint(4, max_records))
+    """4 to `max_records` records; a `max_records` under 4 gives exactly that many (a training curriculum)."""
+    records = make_records(rng, rng.randint(min(4, max_records), max_records))
     question, answer = record_question(rng, records, kinds)
     user = "Here are the records:\n" + "\n".join(r.line() for r in records) + f"\n\nQuestion: {question}"
     return Example("retrieval", [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user},
@@ -219,7 +220,8 @@ def tool_turn(rng: random.Random) -> ToolTurn:
 
 def tools_for(rng: random.Random, needed: set[str]) -> list[dict]:
     extra = rng.sample(sorted(set(TOOLS) - needed), rng.randint(0, len(TOOLS) - len(needed)))
-    names = sorted(needed | set(extra), key=lambda _: rng.random())
+    names = sorted(needed | set(extra))  # sorted first: a set's order changes with each process's string hashing
+    rng.shuffle(names)
     return [TOOLS[n] for n in names]
 
 

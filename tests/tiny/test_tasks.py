@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,6 +27,15 @@ def test_generator_is_deterministic_per_seed(task):
     assert first == [tasks.generate(task, seed).to_row() for seed in range(5)]
     assert len({json.dumps(row) for row in first}) == 5  # seeds give different examples
     assert tasks.heldout(task, 5) == [tasks.generate(task, seed) for seed in range(5)]
+
+
+def test_generator_is_the_same_in_every_process():
+    # string hashing differs per process (PYTHONHASHSEED): nothing may depend on a set's iteration order
+    script = ("import hashlib, json; from mixquant.tiny import tasks; print(hashlib.sha256(json.dumps("
+              "[e.to_row() for t in tasks.TASKS for e in tasks.heldout(t, 20)]).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": seed},
+                              capture_output=True, text=True, check=True).stdout for seed in ("1", "2", "3")}
+    assert len(digests) == 1
 
 
 def test_answers_follow_from_the_prompt():
@@ -70,6 +82,17 @@ def test_whole_line_questions_are_for_training_only():
         record_id = e.messages[1]["content"].split("Show record ")[1].split(" ")[0]
         [line] = [r for r in e.messages[1]["content"].splitlines() if r.startswith(f"record {record_id}:")]
         assert e.answer == "R" + line[1:] + "."
+
+
+def test_short_record_lists_for_the_training_curriculum():
+    for count in (1, 2, 3):
+        for seed in range(10):
+            e = tasks.generate("retrieval", tasks.TRAIN_SEED_BASE + seed, max_records=count)
+            lines = [r for r in e.messages[1]["content"].splitlines() if r.startswith("record ")]
+            assert len(lines) == count
+            quotes = [q[0].lower() + q[1:] for q in e.answer.rstrip(".").split(". ")]
+            assert all(any(q in line for line in lines) for q in quotes)
+    assert {e.meta["records"] for e in tasks.heldout("retrieval", 40)} <= set(range(4, 191))
 
 
 def test_multi_turn_recalls_a_fact_of_the_session():
