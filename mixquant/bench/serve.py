@@ -387,6 +387,26 @@ def prefix_cache_hit_rate(before: list[MetricSample] | None, after: list[MetricS
     return None
 
 
+# Where the server's TTFT goes, as histograms a vLLM server also exports: a mean from _sum/_count deltas
+SERVER_TIME_HISTOGRAMS = {"queue_time_mean_s": "vllm:request_queue_time_seconds",
+                          "prefill_time_mean_s": "vllm:request_prefill_time_seconds"}
+
+
+def server_time_means(before: list[MetricSample] | None, after: list[MetricSample] | None) -> dict[str, float | None]:
+    """Mean queue and prefill time of the requests that finished between two scrapes (None: not exported)."""
+    means: dict[str, float | None] = dict.fromkeys(SERVER_TIME_HISTOGRAMS)
+    if before is None or after is None:
+        return means
+    for key, name in SERVER_TIME_HISTOGRAMS.items():
+        total, count = _total(after, f"{name}_sum"), _total(after, f"{name}_count")
+        if total is None or count is None:
+            continue
+        count -= _total(before, f"{name}_count") or 0.0
+        total -= _total(before, f"{name}_sum") or 0.0
+        means[key] = total / count if count > 0 else None
+    return means
+
+
 def precisions_from_metrics(samples: list[MetricSample] | None) -> dict[str, str] | None:
     for sample in samples or []:
         if sample.name == ENGINE_INFO_METRIC:
@@ -461,6 +481,7 @@ async def serve_benchmark(base_url: str, model: str, workload: Workload, api_key
         after = await scrape_metrics(http, metrics_url)
     summary = summarize(client.records, total_time_s)
     summary["prefix_cache_hit_rate"] = prefix_cache_hit_rate(before, after)
+    summary.update(server_time_means(before, after))
     summary["server_precisions"] = server["mixquant"] or precisions_from_metrics(after)
     summary["server_version"] = server["version"]
     summary["base_url"] = base_url
@@ -564,7 +585,7 @@ def summary_row(summary: dict[str, Any]) -> dict[str, Any]:
     precisions = summary["server_precisions"] or {}
     keys = ["ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "tpot_p50_s", "tpot_p99_s", "e2e_p50_s", "total_time_s", "requests",
             "failed_requests", "prompt_tokens", "completion_tokens", "input_output_ratio", "output_tokens_per_s",
-            "total_tokens_per_s", "prefix_cache_hit_rate"]
+            "total_tokens_per_s", "prefix_cache_hit_rate", *SERVER_TIME_HISTOGRAMS]
     return {
         "kind": "serve",
         "mode": summary["workload"]["mode"],
@@ -604,6 +625,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         ("output tokens/s", number(summary["output_tokens_per_s"], ",.1f")),
         ("total tokens/s", number(summary["total_tokens_per_s"], ",.1f")),
         ("prefix cache hit rate", f"{hit_rate:.1%}" if hit_rate is not None else "n/a (no metrics)"),
+        ("server queue / prefill (mean)", f"{ms(summary['queue_time_mean_s'])} / {ms(summary['prefill_time_mean_s'])}"),
         ("total time", f"{summary['total_time_s']:.1f} s"),
     ]:
         table.add_row(name, value)

@@ -134,6 +134,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        scheduled = time.monotonic()
+        for seq in batch.seqs:
+            seq.first_scheduled_time = seq.first_scheduled_time or scheduled
         inputs = self.runner.prepare(batch)
         hidden = self.runner.forward(inputs)
         self.scheduler.computed(batch)
@@ -264,6 +267,8 @@ class LLMEngine:
         first = request.seqs[0]
         finished = all(s.finish_reason is not None for s in request.seqs)
         metrics = {"arrival_time": request.arrival_time}
+        if first.first_scheduled_time is not None:
+            metrics["first_scheduled_time"] = first.first_scheduled_time
         if first.first_token_time is not None:
             metrics["first_token_time"] = first.first_token_time
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, finished,

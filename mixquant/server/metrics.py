@@ -60,6 +60,14 @@ class ServerMetrics:
                                              "Time between successive outputs of a request.", ITL_BUCKETS)
         self.e2e_latency = histogram("vllm:e2e_request_latency_seconds",
                                      "Time from arrival to the last token of a finished request.", E2E_BUCKETS)
+        # TTFT split at the engine: waiting to be scheduled, then from the first scheduled step to the first token
+        # (chunked prefill, and steps spent on other requests' chunks between them)
+        self.request_queue_time = histogram("vllm:request_queue_time_seconds",
+                                            "Time from arrival to the first step that computes the request.",
+                                            E2E_BUCKETS)
+        self.request_prefill_time = histogram("vllm:request_prefill_time_seconds",
+                                              "Time from the request's first scheduled step to its first token.",
+                                              E2E_BUCKETS)
         self.request_prompt_tokens = histogram("vllm:request_prompt_tokens", "Prompt tokens per finished request.",
                                                token_buckets(max_model_len))
         self.request_generation_tokens = histogram("vllm:request_generation_tokens",
@@ -80,6 +88,10 @@ class ServerMetrics:
             timeline.num_generated = generated
         if output.finished:
             self.e2e_latency.observe(now - timeline.arrival)
+            times = output.metrics or {}
+            if "first_scheduled_time" in times and "first_token_time" in times:  # engine clock, as vLLM
+                self.request_queue_time.observe(times["first_scheduled_time"] - times["arrival_time"])
+                self.request_prefill_time.observe(times["first_token_time"] - times["first_scheduled_time"])
             self.request_prompt_tokens.observe(len(output.prompt_token_ids))
             self.request_generation_tokens.observe(generated)
             reason = output.outputs[0].finish_reason or "stop"

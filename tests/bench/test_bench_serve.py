@@ -18,6 +18,7 @@ from mixquant.bench.serve import (
     RandomWorkload,
     RequestRecord,
     prefix_cache_hit_rate,
+    server_time_means,
     run_serve_benchmark,
     summarize,
 )
@@ -142,6 +143,20 @@ def test_prefix_hit_rate_comes_from_counter_deltas():
     assert prefix_cache_hit_rate(scrape(5, 10), scrape(5, 10)) is None  # nothing was looked up
     assert prefix_cache_hit_rate(None, scrape(5, 10)) is None
     assert prefix_cache_hit_rate([], []) is None
+
+
+def test_server_queue_and_prefill_means_come_from_histogram_deltas():
+    def scrape(queue_sum, prefill_sum, count):
+        return [MetricSample(f"vllm:request_{phase}_time_seconds_{part}", {"model_name": "m"}, value)
+                for phase, total in (("queue", queue_sum), ("prefill", prefill_sum))
+                for part, value in (("sum", total), ("count", count))]
+
+    means = server_time_means(scrape(1.0, 2.0, 4), scrape(4.0, 4.0, 10))
+    assert means == {"queue_time_mean_s": pytest.approx(0.5), "prefill_time_mean_s": pytest.approx(2 / 6)}
+    assert server_time_means(scrape(1.0, 2.0, 4), scrape(1.0, 2.0, 4)) == dict.fromkeys(means)  # none finished
+    assert server_time_means([], scrape(1.0, 1.0, 1)) == {"queue_time_mean_s": 1.0, "prefill_time_mean_s": 1.0}
+    assert server_time_means(None, None) == dict.fromkeys(means)
+    assert server_time_means([], []) == dict.fromkeys(means)  # a server without these histograms
 
 
 # ---- against a server with known delays ----------------------------------------------------------------------------
@@ -278,6 +293,11 @@ def test_against_a_mixquant_server(tiny_qwen3):
     assert summary["prompt_tokens"] == sum(len(p) for p in all_prompts(workload).values())
     # Turns after the first reuse at least the previous prompt's full 16-token blocks.
     assert summary["prefix_cache_hit_rate"] is not None and summary["prefix_cache_hit_rate"] > 0.3
+    # the server's own split of TTFT: queue and prefill, within the client's mean TTFT (measured beyond the server)
+    queue, prefill = summary["queue_time_mean_s"], summary["prefill_time_mean_s"]
+    assert queue >= 0 and prefill > 0
+    mean_ttft = sum(r["ttft_s"] for r in summary["per_request"]) / len(summary["per_request"])
+    assert queue + prefill <= mean_ttft
     precisions = engine.config.describe_precisions()
     assert summary["server_precisions"]["prefill_precision"] == precisions["prefill_precision"]
     assert summary["server_precisions"]["decode_precision"] == precisions["decode_precision"]

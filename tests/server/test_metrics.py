@@ -54,6 +54,11 @@ def test_counters_move_as_requests_complete(http, server):
     assert moved("vllm:request_success_total", finished_reason="length") == 1
     assert moved("vllm:time_to_first_token_seconds_count") == 1
     assert moved("vllm:e2e_request_latency_seconds_count") == 1
+    # the TTFT split at the engine: queue + prefill, each non-negative, their sum within the server's TTFT
+    assert moved("vllm:request_queue_time_seconds_count") == moved("vllm:request_prefill_time_seconds_count") == 1
+    queue, prefill = moved("vllm:request_queue_time_seconds_sum"), moved("vllm:request_prefill_time_seconds_sum")
+    assert queue >= 0 and prefill > 0
+    assert queue + prefill <= moved("vllm:time_to_first_token_seconds_sum") + 1e-3
     assert 1 <= moved("vllm:inter_token_latency_seconds_count") <= 4
     assert moved("vllm:request_generation_tokens_sum") == 5
     assert moved("vllm:prefix_cache_queries_total") == prompt_tokens
