@@ -83,7 +83,6 @@ def host_timeline(engine, ids: list[int], repeats: int = 3):
 
 
 def profile_pair(path, pair: str, context: int):
-
     prefill, decode = pair.split("/")
     llm = LLM(str(path), load_format="dummy", prefill_precision=prefill, decode_precision=decode,
               max_model_len=context + 64, max_num_batched_tokens=context, enable_prefix_caching=False,
