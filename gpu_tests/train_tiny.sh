@@ -5,6 +5,8 @@
 # join them with `cat OUT_DIR/tiny.tar.part-* | tar x`. INIT_FROM=mixquant/tiny/checkpoint continues from the
 # bundled weights (they travel with the repository). Environment: TRAIN_ARGS (extra train.py flags), EVAL=0 (train
 # only), EVAL_TIMEOUT, FIDELITY=0, FIDELITY_TIMEOUT, TASK_COUNT. Keep training minutes + timeouts under ~9 minutes.
+# The fidelity step scores arithmetic with math-verify, which the device image lacks: carry
+# .carry/math-verify-wheels (math_verify, latex2sympy2_extended, antlr4_python3_runtime).
 set -uo pipefail
 out=${1:?usage: train_tiny.sh OUT_DIR [MINUTES] [INIT_FROM]}
 minutes=${2:-6}
@@ -24,6 +26,8 @@ said() {  # exit status, what ran, its timeout
 timeout ${EVAL_TIMEOUT:-120} python3 -m mixquant.tiny.evaluate $work/checkpoint --count 200 --output $work/heldout-bf16.json \
   > $work/heldout.log 2>&1; said $? "held-out evaluation" ${EVAL_TIMEOUT:-120}; tail -20 $work/heldout.log
 if [ "${FIDELITY:-1}" = 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/math-verify .carry/math-verify-wheels/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/math-verify || echo "=== no .carry/math-verify-wheels: fidelity will fail"
   timeout ${FIDELITY_TIMEOUT:-200} python3 -m mixquant.cli fidelity $work/checkpoint --tasks tiny --task-count ${TASK_COUNT:-50} \
     --max-tokens 200 --output-dir $work/fidelity-gpu > $work/fidelity.log 2>&1
   said $? fidelity ${FIDELITY_TIMEOUT:-200}; tail -40 $work/fidelity.log
