@@ -373,17 +373,26 @@ def _total(samples: list[MetricSample], name: str) -> float | None:
     return sum(values) if values else None
 
 
+def _ratio_of_deltas(before: list[MetricSample] | None, after: list[MetricSample] | None, numerator: str,
+                     denominator: str) -> tuple[bool, float | None]:
+    """How much `numerator` grew over how much `denominator` grew between two scrapes: (exported, ratio); the
+    ratio is None where the server exports neither or the denominator did not grow."""
+    if before is None or after is None:
+        return False, None
+    top, bottom = _total(after, numerator), _total(after, denominator)
+    if top is None or bottom is None:
+        return False, None
+    bottom -= _total(before, denominator) or 0.0
+    top -= _total(before, numerator) or 0.0
+    return True, top / bottom if bottom > 0 else None
+
+
 def prefix_cache_hit_rate(before: list[MetricSample] | None, after: list[MetricSample] | None) -> float | None:
     """Prompt tokens found in the prefix cache over prompt tokens looked up, between two scrapes."""
-    if before is None or after is None:
-        return None
     for hits_name, queries_name in PREFIX_CACHE_COUNTERS:
-        hits, queries = _total(after, hits_name), _total(after, queries_name)
-        if hits is None or queries is None:
-            continue
-        queries -= _total(before, queries_name) or 0.0
-        hits -= _total(before, hits_name) or 0.0
-        return hits / queries if queries > 0 else None
+        exported, rate = _ratio_of_deltas(before, after, hits_name, queries_name)
+        if exported:
+            return rate
     return None
 
 
@@ -394,17 +403,8 @@ SERVER_TIME_HISTOGRAMS = {"queue_time_mean_s": "vllm:request_queue_time_seconds"
 
 def server_time_means(before: list[MetricSample] | None, after: list[MetricSample] | None) -> dict[str, float | None]:
     """Mean queue and prefill time of the requests that finished between two scrapes (None: not exported)."""
-    means: dict[str, float | None] = dict.fromkeys(SERVER_TIME_HISTOGRAMS)
-    if before is None or after is None:
-        return means
-    for key, name in SERVER_TIME_HISTOGRAMS.items():
-        total, count = _total(after, f"{name}_sum"), _total(after, f"{name}_count")
-        if total is None or count is None:
-            continue
-        count -= _total(before, f"{name}_count") or 0.0
-        total -= _total(before, f"{name}_sum") or 0.0
-        means[key] = total / count if count > 0 else None
-    return means
+    return {key: _ratio_of_deltas(before, after, f"{name}_sum", f"{name}_count")[1]
+            for key, name in SERVER_TIME_HISTOGRAMS.items()}
 
 
 def precisions_from_metrics(samples: list[MetricSample] | None) -> dict[str, str] | None:

@@ -134,9 +134,6 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        scheduled = time.monotonic()
-        for seq in batch.seqs:
-            seq.first_scheduled_time = seq.first_scheduled_time or scheduled
         inputs = self.runner.prepare(batch)
         hidden = self.runner.forward(inputs)
         self.scheduler.computed(batch)

@@ -6,6 +6,7 @@ tokens of running sequences and prefill chunks of new ones together.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -65,8 +66,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            if seq.num_preemptions == 0:
+            if seq.num_preemptions == 0:  # its first admission: the queue time ends here
                 seq.num_cached_tokens = seq.num_computed_tokens
+                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             batch.seqs.append(seq)

@@ -41,7 +41,7 @@ class Sequence:
     stop_reason: str | int | None = None
     output_text: str = ""
     arrival_time: float = field(default_factory=time.monotonic)
-    first_scheduled_time: float | None = None  # when a step first computed any of its tokens: the queue ends
+    first_scheduled_time: float | None = None  # first admitted to a step (its first tokens computed then)
     first_token_time: float | None = None
     num_preemptions: int = 0
     num_imported_blocks: int = 0  # leading blocks whose KV came from another engine (export_kv)
