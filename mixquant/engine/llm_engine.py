@@ -46,6 +46,13 @@ class LLMEngine:
             str(resolve_model_path(config.tokenizer, config.revision)) if config.tokenizer else str(self.model_path))
         self.generation_defaults, self.eos_token_ids = self._generation_config()
         self.runner = ModelRunner(config, self.hf_config, self.dtype, self.max_model_len)
+        self._reset_state()
+        if config.device_obj.type == "cuda":
+            self.warm_up()
+
+    def _reset_state(self):
+        """No requests, an empty KV cache and prefix cache, counters at zero."""
+        config = self.config
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
                                           config.prefill_precision, config.decode_precision)
         self.scheduler = Scheduler(config, self.block_manager)
@@ -53,6 +60,21 @@ class LLMEngine:
         self.default_generator = torch.Generator(device=config.device_obj).manual_seed(config.seed)
         self.tokens_computed: Counter[tuple[str, str]] = Counter()  # (phase, precision) -> tokens
         self.num_prompt_tokens = self.num_generation_tokens = 0
+
+    def warm_up(self):
+        """Runs the kinds of step serving meets (a full-budget prefill, a short one, a prefill beside decodes,
+        decodes) on dummy prompts, so that kernel compilation (torch.compile's fused kernels, Triton's JIT) is
+        paid here and not by the first requests; then leaves no trace of them."""
+        capacity = self.block_manager.num_blocks * self.config.block_size
+        long_len = max(2, min(self.config.max_num_batched_tokens, self.max_model_len, capacity) - 8)
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        vocab = self.hf_config.vocab_size
+        self.add_request("warm-up-short", [i % vocab for i in range(min(8, long_len))], params)
+        self.step()
+        self.add_request("warm-up-long", [(7 * i + 3) % vocab for i in range(long_len)], params)
+        while self.has_unfinished_requests():
+            self.step()
+        self._reset_state()
 
     def _max_model_len(self) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 4096
