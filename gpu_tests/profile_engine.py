@@ -82,6 +82,33 @@ def host_timeline(engine, ids: list[int], repeats: int = 3):
         runner.prepare, runner.forward = prepare, forward
 
 
+def host_profile(engine, ids: list[int], top: int = 22):
+    """Where the host's time in one prefill step goes (cProfile, by own time), and which calls synchronize with the
+    GPU (torch's sync debug mode warns at each)."""
+    import cProfile
+    import io
+    import pstats
+    import warnings
+
+    engine.add_request("cprofile", ids, SamplingParams(max_tokens=1, ignore_eos=True))
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        profiler.enable()
+        engine.step()
+        profiler.disable()
+        torch.cuda.set_sync_debug_mode(0)
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(top)
+    print("\n".join(line[:160] for line in stream.getvalue().splitlines() if line.strip()))
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    print(f"synchronizing calls in the step: {len(syncs)} {sorted(set(syncs))[:8]}")
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def graph_vs_eager(engine, ids: list[int], repeats: int = 5):
     """The prefill forward of one prompt, eager against a CUDA graph of the same step: the graph's replay has no
     host work, so it is the GPU time alone, and eager minus graph is what host overhead costs the step (and what
@@ -129,6 +156,7 @@ def profile_pair(path, pair: str, context: int):
         while engine.has_unfinished_requests():
             engine.step()
     host_timeline(engine, ids)
+    host_profile(engine, ids)
     graph_vs_eager(engine, ids)
     engine.add_request("r", ids, SamplingParams(max_tokens=9, ignore_eos=True))
     torch.cuda.synchronize()
