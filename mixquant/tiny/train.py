@@ -150,6 +150,14 @@ def forward(model, batch: dict[str, torch.Tensor], dense_mask: bool) -> torch.Te
                      attention_mask=document_mask(batch["documents"], dense_mask)).logits
 
 
+def parameter_groups(model, weight_decay: float = 0.1) -> list[dict]:
+    """Weight decay on matrices only: decayed norm gains (QK-norm's above all) cap how sharply attention can pick
+    one position out of thousands (after phase 5 the QK-norm gains had shrunk to 0.7-0.9)."""
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+
+
 def learning_rate(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1) -> float:
     if progress < warmup:
         return peak * progress / warmup
@@ -171,7 +179,7 @@ def train(args) -> Path:
     model.train()
     params = sum(p.numel() for p in model.parameters())
     print(f"mixquant-tiny: {params / 1e6:.1f}M parameters, vocab {model.config.vocab_size}", flush=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
+    optimizer = torch.optim.AdamW(parameter_groups(model), lr=args.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     loader = DataLoader(PackedStream(args.tokenizer, args.seed), batch_size=args.batch_rows,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
