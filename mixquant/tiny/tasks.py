@@ -75,10 +75,10 @@ class Record:
     city: str
     value: int
 
-    def lines(self) -> list[str]:
-        # One field a line, each keyed by the record's id: every question is a lookup of what follows a key.
-        return [f"record {self.id} value: {self.value}", f"record {self.id} name: {self.name}",
-                f"record {self.id} city: {self.city}"]
+    def line(self) -> str:
+        # Each field a question asks for follows the key it is asked by (id -> value, name; name -> city): a small
+        # model learns such lookups as an induction over the key, where a field far from its key is a second hop.
+        return f"record {self.id}: value {self.value}, name {self.name}, city {self.city}"
 
 
 def make_records(rng: random.Random, count: int) -> list[Record]:
@@ -87,31 +87,36 @@ def make_records(rng: random.Random, count: int) -> list[Record]:
     return [Record(i, n, rng.choice(CITIES), rng.randint(1, 999)) for i, n in zip(ids, names)]
 
 
-def record_listing(records: list[Record]) -> str:
-    return "\n".join(line for r in records for line in r.lines())
+# What a retrieval question asks. Held-out sets ask QUESTION_KINDS; training may add "line_by_id" (quote the whole
+# record), which only exercises the copy that the other answers are made of.
+QUESTION_KINDS = ("value_by_id", "name_by_id", "city_by_name", "several")
 
 
-QUESTION_KINDS = ("value_by_id", "name_by_id", "city_by_id", "several")
-
-
-def record_question(rng: random.Random, records: list[Record]) -> tuple[str, str]:
-    kind = rng.choice(QUESTION_KINDS)
+def record_question(rng: random.Random, records: list[Record],
+                    kinds: tuple[str, ...] = QUESTION_KINDS) -> tuple[str, str]:
+    """A question about one or several of the records, and its deterministic answer. The answer quotes the record
+    from the key asked by up to the field asked for, in the line's own order: each token then follows the one before
+    it as in the list (a copy), where an answer that names the field first needs a lookup back to its key."""
+    kind = rng.choice(kinds)
     r = rng.choice(records)
+    if kind == "line_by_id":
+        return f"Show record {r.id} as listed.", f"R{r.line()[1:]}."
     if kind == "value_by_id":
-        return f"What is the value of record {r.id}?", f"Record {r.id} value: {r.value}."
+        return f"What is the value of record {r.id}?", f"Record {r.id}: value {r.value}."
     if kind == "name_by_id":
-        return f"What is the name on record {r.id}?", f"Record {r.id} name: {r.name}."
-    if kind == "city_by_id":
-        return f"Which city is record {r.id} in?", f"Record {r.id} city: {r.city}."
+        return f"What is the name on record {r.id}?", f"Record {r.id}: value {r.value}, name {r.name}."
+    if kind == "city_by_name":
+        return f"Which city is {r.name} in?", f"Name {r.name}, city {r.city}."
     chosen = rng.sample(records, min(len(records), rng.randint(2, 3)))
     ids = ", ".join(str(c.id) for c in chosen[:-1]) + f" and {chosen[-1].id}"
-    return f"What are the values of records {ids}?", " ".join(f"Record {c.id} value: {c.value}." for c in chosen)
+    return f"What are the values of records {ids}?", " ".join(f"Record {c.id}: value {c.value}." for c in chosen)
 
 
-def retrieval(rng: random.Random, max_records: int = 96) -> Example:
+def retrieval(rng: random.Random, max_records: int = 190, kinds: tuple[str, ...] = QUESTION_KINDS) -> Example:
+    """4 to `max_records` records; a `max_records` under 4 gives exactly that many (a training curriculum)."""
     records = make_records(rng, rng.randint(min(4, max_records), max_records))
-    question, answer = record_question(rng, records)
-    user = "Here are the records:\n" + record_listing(records) + f"\n\nQuestion: {question}"
+    question, answer = record_question(rng, records, kinds)
+    user = "Here are the records:\n" + "\n".join(r.line() for r in records) + f"\n\nQuestion: {question}"
     return Example("retrieval", [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user},
                                  {"role": "assistant", "content": answer}], answer,
                    meta={"records": len(records)})
@@ -242,7 +247,7 @@ def tool_use(rng: random.Random, stage: str | None = None) -> Example:
 
 # --- multi-turn sessions ---------------------------------------------------------------------------------------
 
-def multi_turn(rng: random.Random, max_turns: int = 10, max_records: int = 60) -> Example:
+def multi_turn(rng: random.Random, max_turns: int = 10, max_records: int = 100) -> Example:
     """Earlier turns (tool uses, and record lists shared by the user) stay in context; the last question asks
     about one of them."""
     turns: list[ToolTurn] = []
@@ -256,7 +261,8 @@ def multi_turn(rng: random.Random, max_turns: int = 10, max_records: int = 60) -
     for index, turn in enumerate(turns):
         if index == record_turn:
             records = make_records(rng, rng.randint(4, max_records))
-            messages += [{"role": "user", "content": "Keep these records for later:\n" + record_listing(records)},
+            messages += [{"role": "user", "content": "Keep these records for later:\n"
+                                                     + "\n".join(r.line() for r in records)},
                          {"role": "assistant", "content": f"Noted {len(records)} records."}]
             facts.append(record_question(rng, records))
         messages += [{"role": "user", "content": turn.question}, *call_messages(turn),
