@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mixquant.config import EngineConfig, Phase, phase_boundary
+from mixquant.engine.prefill_graphs import PrefillGraphs, prefill_buckets
 from mixquant.engine.scheduler import ScheduledBatch
 from mixquant.engine.sequence import Sequence
 from mixquant.models import loader
@@ -64,12 +65,20 @@ class ModelRunner:
         loader.assign_linear_methods(self.model, config, dtype, prequantized)
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prefill_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             try:
                 self._capture_decode_graphs()
             except RuntimeError as e:  # an op that cannot be captured: run decode eagerly rather than not at all
                 self.graphs = {}
                 logger.warning("decode CUDA graphs disabled, capture failed: %s", e)
+            try:
+                self.prefill_graphs = PrefillGraphs(
+                    self.model, prefill_buckets(config.max_num_batched_tokens), self.scratch_block * self.block_size,
+                    self.device, dtype, capture=True)
+            except RuntimeError as e:
+                self.prefill_graphs = None
+                logger.warning("prefill CUDA graphs disabled, capture failed: %s", e)
 
     def _check_fp8_prefill_attention(self):
         """The FP8 prefill kernel's limits, said at startup rather than at the first long prompt."""
@@ -215,11 +224,34 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
-        rows = inputs.input_ids.shape[0]
-        if inputs.context.decode_only and self.graphs and rows <= max(self.graphs):
-            return self._replay(inputs, rows)
-        with forward_context(inputs.context):
+        ctx = inputs.context
+        if ctx.decode_only:
+            return self._decode_forward(inputs.input_ids, inputs.positions, ctx)
+        if self._prefill_graphs_apply(ctx, inputs.input_ids.shape[0]):
+            split = ctx.num_prefill_rows
+            hidden = self.prefill_graphs.forward(inputs.input_ids, inputs.positions, ctx)
+            if split == inputs.input_ids.shape[0]:
+                return hidden
+            # the decode rows after the prefill rows: they read the K/V the prefill rows have just written
+            decode = ForwardContext(0, ctx.slot_mapping[split:], block_tables=ctx.block_tables,
+                                    context_lens=ctx.context_lens)
+            return torch.cat([hidden, self._decode_forward(inputs.input_ids[split:], inputs.positions[split:],
+                                                           decode)])
+        with forward_context(ctx):
             return self.model(inputs.input_ids, inputs.positions)
+
+    def _prefill_graphs_apply(self, ctx: ForwardContext, rows: int) -> bool:
+        """Prefill rows in a captured row count, and every decode row a single token of the batched tail."""
+        split = ctx.num_prefill_rows
+        return (self.prefill_graphs is not None and split > 0 and self.prefill_graphs.bucket(split) is not None
+                and all(seg.row_end <= split for seg in ctx.segments)
+                and (split == rows or (ctx.context_lens is not None and ctx.context_lens.shape[0] == rows - split)))
+
+    def _decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if self.graphs and input_ids.shape[0] <= max(self.graphs):
+            return self._replay(input_ids, positions, ctx)
+        with forward_context(ctx):
+            return self.model(input_ids, positions)
 
     # ---- CUDA graphs for decode steps ---------------------------------------------------------------------------
 
@@ -253,11 +285,12 @@ class ModelRunner:
             self.graphs[rows] = graph
         torch.cuda.synchronize()
 
-    def _replay(self, inputs: StepInputs, rows: int) -> torch.Tensor:
+    def _replay(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        rows = input_ids.shape[0]
         size = min(r for r in self.graphs if r >= rows)
-        g, ctx = self.graph_inputs, inputs.context
-        g["input_ids"][:rows] = inputs.input_ids
-        g["positions"][:rows] = inputs.positions
+        g = self.graph_inputs
+        g["input_ids"][:rows] = input_ids
+        g["positions"][:rows] = positions
         g["slot_mapping"][:rows] = ctx.slot_mapping
         g["slot_mapping"][rows:size] = self.scratch_block * self.block_size
         width = ctx.block_tables.shape[1]

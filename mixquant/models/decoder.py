@@ -32,7 +32,7 @@ class SelfAttention(nn.Module):
         self.rotary_emb = rotary_emb  # one table shared by all layers
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def project_qkv(self, positions: torch.Tensor, x: torch.Tensor):
         q, k, v = self.qkv_proj(x).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
             dim=-1)
@@ -42,8 +42,10 @@ class SelfAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v)
-        return self.o_proj(out.flatten(1))
+        return q, k, v
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.attn(*self.project_qkv(positions, x)).flatten(1))
 
 
 class MLP(nn.Module):
@@ -69,12 +71,19 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None):
         """vLLM's residual passing: each norm also does the residual add before it, in one fused pass."""
+        q, k, v, residual = self.before_attention(positions, x, residual)
+        return self.after_attention(self.self_attn.attn(q, k, v), residual)
+
+    # The layer on either side of its attention: prefill CUDA graphs capture these, attention runs between them.
+    def before_attention(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None):
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x)
-        x, residual = self.post_attention_layernorm(x, residual)
+        return *self.self_attn.project_qkv(positions, x), residual
+
+    def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
+        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out.flatten(1)), residual)
         return self.mlp(x), residual
 
 

@@ -1,0 +1,109 @@
+"""Piecewise CUDA graphs for the prefill rows of a step: everything but attention, replayed without the host.
+
+An eager forward issues some 1,500 launches whose Python cost (torch.compile's call wrappers above all) is 40-90 ms
+on the device machines' hosts, more than the GPU needs for a 2k-token prefill: such steps waited on the host. Here
+each stretch of the model between two attentions (a layer's o_proj, MLP, the next layer's norm, QKV, QK-norm and
+RoPE) is one graph per padded row count, and attention, whose shapes follow the batch's sequences, runs eagerly
+between them. The graphs of a row count pass their tensors through static buffers, so all row counts share the
+buffers (sized for the largest) and one memory pool.
+
+Only prefill rows go through here (all in prefill precision); a step's decode rows replay the decode graphs after
+it (model_runner.py). Without CUDA (tests) the same pieces run eagerly through the same buffers and padding.
+"""
+from __future__ import annotations
+
+import torch
+
+from mixquant.utils.context import ForwardContext, forward_context
+
+
+def prefill_buckets(max_rows: int) -> list[int]:
+    """Padded row counts. From 1,024 rows on a step pads by at most 1/8 of its rows; below, reading the weights
+    costs more than the rows do, so padding is nearly free."""
+    steps = [*range(16, 128, 16), *range(128, 2048, 128), *range(2048, 4096, 256), *range(4096, 8193, 512)]
+    return [n for n in steps if n <= max_rows] or [max_rows]
+
+
+class PrefillGraphs:
+    def __init__(self, model, buckets: list[int], scratch_slot: int, device: torch.device, dtype: torch.dtype,
+                 capture: bool):
+        self.model, self.buckets, self.scratch_slot = model, sorted(buckets), scratch_slot
+        self.layers = model.model.layers
+        attn = self.layers[0].self_attn
+        n, hidden = self.buckets[-1], model.config.hidden_size
+
+        def buffer(*shape, dtype=dtype):
+            return torch.zeros(n, *shape, dtype=dtype, device=device)
+
+        self.input_ids, self.positions = buffer(dtype=torch.long), buffer(dtype=torch.long)
+        self.q, self.attn_out = buffer(attn.num_heads, attn.head_dim), buffer(attn.num_heads, attn.head_dim)
+        self.k, self.v = buffer(attn.num_kv_heads, attn.head_dim), buffer(attn.num_kv_heads, attn.head_dim)
+        self.residual, self.hidden = buffer(hidden), buffer(hidden)
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        if capture:
+            self._capture_all()
+
+    def bucket(self, rows: int) -> int | None:
+        return next((b for b in self.buckets if b >= rows), None)
+
+    # ---- the pieces ---------------------------------------------------------------------------------------------
+
+    def _piece(self, index: int, n: int):
+        """Piece i runs layer i-1 after its attention (from attn_out) and layer i up to its attention."""
+        positions = self.positions[:n]
+        if index == 0:
+            x, residual = self.model.model.embed_tokens(self.input_ids[:n]), None
+        else:
+            x, residual = self.layers[index - 1].after_attention(self.attn_out[:n], self.residual[:n])
+            if index == len(self.layers):
+                self.hidden[:n].copy_(self.model.model.norm(x, residual)[0])
+                return
+        q, k, v, residual = self.layers[index].before_attention(positions, x, residual)
+        self.q[:n].copy_(q)
+        self.k[:n].copy_(k)
+        self.v[:n].copy_(v)
+        self.residual[:n].copy_(residual)
+
+    def _run_piece(self, index: int, n: int):
+        graphs = self.graphs.get(n)
+        if graphs:
+            graphs[index].replay()
+        else:
+            self._piece(index, n)
+
+    def _capture_all(self):
+        pool = None
+        for n in reversed(self.buckets):  # the largest first: the pool it leaves fits every smaller one
+            ctx = ForwardContext(num_prefill_rows=n, slot_mapping=self.positions[:n])
+            graphs = []
+            with torch.inference_mode(), forward_context(ctx):
+                for index in range(len(self.layers) + 1):
+                    self._piece(index, n)  # warm-up outside the graph: compiles, allocates
+                torch.cuda.synchronize()
+                for index in range(len(self.layers) + 1):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool):
+                        self._piece(index, n)
+                    pool = graph.pool()
+                    graphs.append(graph)
+            self.graphs[n] = graphs
+        torch.cuda.synchronize()
+
+    # ---- a step ---------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Hidden states of the first ctx.num_prefill_rows rows (all prefill segments of the step)."""
+        rows = ctx.num_prefill_rows
+        n = self.bucket(rows)
+        self.input_ids[:rows].copy_(input_ids[:rows])
+        self.positions[:rows].copy_(positions[:rows])
+        # padding rows write their K/V to the scratch slot and are in no attention segment
+        slots = torch.full((n,), self.scratch_slot, dtype=torch.long, device=input_ids.device)
+        slots[:rows] = ctx.slot_mapping[:rows]
+        padded = ForwardContext(n, slots, segments=ctx.segments, prefill_attention=ctx.prefill_attention)
+        with forward_context(padded):
+            self._run_piece(0, n)
+            for index, layer in enumerate(self.layers):
+                self.attn_out[:n].copy_(layer.self_attn.attn(self.q[:n], self.k[:n], self.v[:n]))
+                self._run_piece(index + 1, n)
+        return self.hidden[:rows]
