@@ -40,6 +40,8 @@ def register(subparsers):
     p.add_argument("--prefill-attention", default="bf16", type=_attentions,
                    help="attention of the prompt tokens, one or a comma list, each run with every pair: bf16 (SDPA) "
                         "or fp8 (Triton kernel); e.g. bf16,fp8")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (prefill graphs cover up to 8,192 "
+                                                                "rows a step)")
     p.set_defaults(func=run_offline, kind="prefill")
     p = bench.add_parser("decode", help="decode tokens/s and GB/s per pair and batch")
     _add_model_arguments(p)
@@ -68,7 +70,8 @@ def run_offline(args) -> int:
     ceilings = offline.measure_ceilings()
     if args.kind == "prefill":
         rows = offline.bench_prefill(model, pairs, _ints(args.contexts), args.repeats, overrides,
-                                     args.compare == "transformers", attentions=args.prefill_attention)
+                                     args.compare == "transformers", attentions=args.prefill_attention,
+                                     eager=args.enforce_eager)
     else:
         rows = offline.bench_decode(model, pairs, _ints(args.batches), args.context, args.steps, overrides,
                                     eager=args.enforce_eager)

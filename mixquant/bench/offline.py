@@ -122,13 +122,14 @@ def memory_notes(engine: LLMEngine) -> dict:
 
 
 def bench_prefill(model: str, pairs: list[str], contexts: list[int], repeats: int, hf_overrides: dict | None,
-                  compare_transformers: bool, attentions: tuple[str, ...] = ("bf16",)) -> list[Row]:
+                  compare_transformers: bool, attentions: tuple[str, ...] = ("bf16",), eager: bool = False
+                  ) -> list[Row]:
     """Every pair with every prompt attention (bf16 SDPA, fp8 Triton), each against bf16/bf16 with bf16 attention."""
     rows: list[Row] = []
     for pair, attention in [(p, a) for a in attentions for p in pairs]:
-        engine = _engine(model, pair, max(contexts) + 16, max(contexts), 4, hf_overrides, eager=True,
+        engine = _engine(model, pair, max(contexts) + 16, max(contexts), 4, hf_overrides, eager=eager,
                          prefill_attention=attention)
-        notes = memory_notes(engine)
+        notes = {**memory_notes(engine), "prefill_graphs": engine.runner.prefill_graphs is not None}
         for context in contexts:
             prompt = _random_prompt(context, engine.hf_config.vocab_size, context)
 
