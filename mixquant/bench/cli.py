@@ -40,8 +40,8 @@ def register(subparsers):
     p.add_argument("--prefill-attention", default="bf16", type=_attentions,
                    help="attention of the prompt tokens, one or a comma list, each run with every pair: bf16 (SDPA) "
                         "or fp8 (Triton kernel); e.g. bf16,fp8")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (prefill graphs cover up to 8,192 "
-                                                                "rows a step)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (prefill graphs cover up to 4,096 "
+                                                                "prefill rows a step)")
     p.set_defaults(func=run_offline, kind="prefill")
     p = bench.add_parser("decode", help="decode tokens/s and GB/s per pair and batch")
     _add_model_arguments(p)

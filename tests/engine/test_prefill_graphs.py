@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mixquant import LLM, SamplingParams
-from mixquant.engine.prefill_graphs import PrefillGraphs, prefill_buckets
+from mixquant.engine.prefill_graphs import MAX_GRAPH_ROWS, PrefillGraphs, prefill_buckets
 
 
 def _with_prefill_pieces(llm, buckets):
@@ -79,8 +79,8 @@ def test_steps_outside_the_buckets_run_eagerly(tiny_qwen3):
 
 def test_buckets_pad_little():
     buckets = prefill_buckets(8192)
-    assert buckets[0] == 16 and buckets[-1] == 8192 and buckets == sorted(buckets)
-    for rows in range(1024, 8193, 97):
+    assert buckets[0] == 16 and buckets[-1] == MAX_GRAPH_ROWS and buckets == sorted(buckets)
+    for rows in range(1024, MAX_GRAPH_ROWS + 1, 97):
         padded = next(b for b in buckets if b >= rows)
         assert padded - rows <= rows / 8
     assert prefill_buckets(100)[-1] == 96 and prefill_buckets(8) == [8]
