@@ -1,6 +1,7 @@
 """Where does a step's time go? Profiles one prefill step and a few decode steps on the Qwen3-8B shape.
 
 Usage: PYTHONPATH=. python3 gpu_tests/profile_engine.py [--pairs bf16/bf16,fp8/bf16] [--context 4096] [--quick]
+       [--graphs] [--cached-attention]
 (carry .carry/qwen3-tokenizer)
 """
 from __future__ import annotations
@@ -180,11 +181,11 @@ def graph_vs_eager(engine, ids: list[int], repeats: int = 5):
         engine.abort_request("graph")
 
 
-def profile_pair(path, pair: str, context: int):
+def profile_pair(path, pair: str, context: int, eager: bool = True):
     prefill, decode = pair.split("/")
     llm = LLM(str(path), load_format="dummy", prefill_precision=prefill, decode_precision=decode,
               max_model_len=context + 64, max_num_batched_tokens=context, enable_prefix_caching=False,
-              enforce_eager=True)
+              enforce_eager=eager)
     engine = llm.engine
     ids = torch.randint(0, 150000, (context,)).tolist()
     for _ in range(2):  # warm-up
@@ -236,6 +237,8 @@ def main():
     parser.add_argument("--pairs", default="bf16/bf16,fp8/bf16")
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--quick", action="store_true", help="skip the attention variants and transformers")
+    parser.add_argument("--graphs", action="store_true",
+                        help="profile the engine with its CUDA graphs (prefill pieces and decode) instead of eagerly")
     parser.add_argument("--cached-attention", action="store_true",
                         help="only time attention for chunks after a cached prefix")
     args = parser.parse_args()
@@ -254,7 +257,7 @@ def main():
         if not args.quick:
             transformers_prefill(path, args.context)
         for pair in args.pairs.split(","):
-            profile_pair(path, pair, args.context)
+            profile_pair(path, pair, args.context, eager=not args.graphs)
 
 
 if __name__ == "__main__":
