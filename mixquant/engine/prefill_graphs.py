@@ -80,6 +80,7 @@ class PrefillGraphs:
     def _capture_all(self):
         pool = None
         for n in reversed(self.buckets):  # the largest first: the pool it leaves fits every smaller one
+            # the pieces read only num_prefill_rows (every row in prefill precision); slots are for attention
             ctx = ForwardContext(num_prefill_rows=n, slot_mapping=self.positions[:n])
             graphs = []
             with torch.inference_mode(), forward_context(ctx):

@@ -17,6 +17,9 @@ from mixquant.layers.rotary_embedding import RotaryEmbedding
 
 
 class SelfAttention(nn.Module):
+    """A layer's attention block, called in its parts (project_qkv, attn, o_proj): prefill CUDA graphs replay the
+    projections and run attention eagerly between them."""
+
     def __init__(self, config, prefix: str, qk_norm: bool, qkv_bias: bool, rotary_emb: RotaryEmbedding):
         super().__init__()
         hidden = config.hidden_size
@@ -43,9 +46,6 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         return q, k, v
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.o_proj(self.attn(*self.project_qkv(positions, x)).flatten(1))
 
 
 class MLP(nn.Module):

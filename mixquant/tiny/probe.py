@@ -23,8 +23,6 @@ FIELD_KEYS = {"value_by_id": (" value", 2), "name_by_id": (" name", 1), "city_by
 
 @dataclass
 class Probe:
-    kind: str
-    records: int
     p_answer: float  # probability of the answer's first field token
     attention: torch.Tensor  # [layers, heads, records]: attention on each line's field token, the right line first
 
@@ -43,7 +41,7 @@ def probe(model, tokenizer, kind: str, seed: int, records: int) -> Probe:
         out = model(torch.tensor([ids]), output_attentions=True)
     attention = torch.stack([a[0, :, target - 1, order] for a in out.attentions])
     p_answer = out.logits[0, target - 1].softmax(-1)[ids[target]].item()
-    return Probe(kind, records, p_answer, attention)
+    return Probe(p_answer, attention)
 
 
 def main(argv: list[str] | None = None) -> int:
