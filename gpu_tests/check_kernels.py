@@ -6,16 +6,18 @@
      lengths, padded tables pointing at NaN blocks and NaN in every slot past a row's length;
    - one CUDA graph of it at B=8, replayed with new context_lens / block_tables contents, against eager;
    - per_token_quant_fp8 bit-identical to fp8.quantize_rowwise (bytes and scales), plus zero, NaN, tiny and
-     huge rows and the chunked path for rows longer than 16384.
+     huge rows and the chunked path for rows longer than 16384;
+   - silu_and_mul_quant_fp8 against quantize_rowwise of the engine's unfused (compiled) silu_and_mul.
 2. Timings (triton.testing.do_bench medians of CUDA-graph replays, inputs rotated past L2): paged decode against
    the SDPA-gather path it replaces (TorchAttentionBackend._decode) and a device-to-device copy;
-   per_token_quant_fp8 against eager quantize_rowwise; a small sweep of launch shapes for tuning.
+   per_token_quant_fp8 against eager quantize_rowwise; silu_and_mul_quant_fp8 against silu_and_mul followed by
+   per_token_quant_fp8, and silu_and_mul alone; a small sweep of launch shapes for tuning.
 3. fp8_prefill_attention (causal, Qwen3-8B heads): against BF16 SDPA (causal, enable_gqa) at 4k and 32k tokens,
    against float64 on sampled rows and against its PyTorch emulation at 4k; needle retrieval at 32k and 131072
    tokens (one key made to match one query: that query's output must be the key's value, as with SDPA); then
    do_bench medians against SDPA at 4k-128k in TFLOP/s, and a sweep of tile shapes at 32k. About a minute.
 
-Usage: PYTHONPATH=. python3 gpu_tests/check_kernels.py [--only fp8-prefill] [--fp8-tile 128x128x8x3]
+Usage: PYTHONPATH=. python3 gpu_tests/check_kernels.py [--only fp8-prefill|gated-quant] [--fp8-tile 128x128x8x3]
 (writes $OUT/kernels.json when OUT is set; exit 1 on a failed check; --fp8-tile: the launch shape of section 3)
 """
 from __future__ import annotations
@@ -36,7 +38,8 @@ from triton.testing import do_bench
 from mixquant.kernels.fp8_attention import (PrefillConfig, fp8_attention_reference, fp8_prefill_attention,
                                             quantize_blocks_fp8)
 from mixquant.kernels.paged_attention import DecodeConfig, default_num_splits, paged_decode_attention
-from mixquant.kernels.quant import per_token_quant_fp8
+from mixquant.kernels.quant import per_token_quant_fp8, silu_and_mul_quant_fp8
+from mixquant.layers.activation import silu_and_mul
 from mixquant.quantization.fp8 import quantize_rowwise
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # Qwen3-8B attention, the engine's block size
@@ -215,6 +218,29 @@ def check_quant(cases=QUANT_CASES, special_k: int = 4096) -> list[dict]:
     return results
 
 
+GATED_CASES = [(1, 12288), (7, 12288), (2048, 12288), (8192, 12288), (300, 3072), (64, 25600)]
+GATED_MAX_DIFFERENT = 1e-4  # fraction of bytes: a rare flip of one bf16 rounding inside the SiLU, if any
+
+
+def check_gated_quant(cases=GATED_CASES) -> list[dict]:
+    """The fused kernel against what the engine computed before it: the compiled silu_and_mul, then quantization."""
+    results = []
+    for i, (m, k) in enumerate(cases):
+        g = torch.Generator(device=DEV).manual_seed(2000 + i)
+        x = torch.randn(m, 2 * k, generator=g, device=DEV, dtype=torch.bfloat16) * 2
+        q_ref, s_ref = quantize_rowwise(silu_and_mul(x))
+        q, s = silu_and_mul_quant_fp8(x)
+        different = (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
+        step_diff = (q.view(torch.uint8).int() - q_ref.view(torch.uint8).int()).abs().max().item()
+        scale_diff = ((s - s_ref).abs() / s_ref).max().item()
+        ok = different <= GATED_MAX_DIFFERENT and step_diff <= 1 and scale_diff <= 2 ** -7
+        results.append(dict(m=m, k=k, bytes_different=different, max_fp8_steps=step_diff,
+                            max_scale_rel_diff=scale_diff, ok=ok))
+        print(f"gated quant M={m} K={k}: bytes different {different:.1e}, max {step_diff} fp8 step(s), scales "
+              f"within {scale_diff:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+    return results
+
+
 # ---- timings ---------------------------------------------------------------------------------------------------
 
 
@@ -294,6 +320,28 @@ def bench_quant(m: int = 8192, ks=(4096, 12288)) -> list[dict]:
         nbytes = quant_bytes(m, k)
         results.append(dict(m=m, k=k, bytes=nbytes, kernel_ms=kernel, kernel_gbps=nbytes / kernel / 1e6,
                             eager_ms=eager, eager_gbps=nbytes / eager / 1e6))
+    return results
+
+
+def bench_gated_quant(ms=(2048, 8192), k: int = 12288) -> list[dict]:
+    """The down projection's input: fused SiLU-and-mul + quantization against the two passes it replaces."""
+    results = []
+    for m in ms:
+        xs = [torch.randn(m, 2 * k, device=DEV, dtype=torch.bfloat16)
+              for _ in range(math.ceil(ROTATE_BYTES / (m * k * 4)))]
+        fused = {w: per_call_ms([partial(silu_and_mul_quant_fp8, x, num_warps=w) for x in xs]) for w in (8, 16, 32)}
+        unfused = per_call_ms([lambda x=x: per_token_quant_fp8(silu_and_mul(x)) for x in xs])
+        silu_only = per_call_ms([partial(silu_and_mul, x) for x in xs])
+        best = min(fused, key=fused.get)
+        nbytes = m * k * 4 + m * k + m * 4  # [gate | up] bf16 in, fp8 and scales out
+        results.append(dict(m=m, k=k, fused_ms_by_warps=fused, best_warps=best, fused_ms=fused[best],
+                            fused_gbps=nbytes / fused[best] / 1e6, unfused_ms=unfused, silu_only_ms=silu_only,
+                            silu_only_gbps=m * k * 6 / silu_only / 1e6, speedup=unfused / fused[best]))
+        print(f"gated quant M={m} K={k}: fused {fused[best]:.4f} ms ({nbytes / fused[best] / 1e6:.0f} GB/s, "
+              f"{best} warps; by warps {', '.join(f'{w}: {t:.4f}' for w, t in fused.items())}), silu_and_mul + "
+              f"quant {unfused:.4f} ms ({unfused / fused[best]:.2f}x), silu_and_mul alone {silu_only:.4f} ms "
+              f"({m * k * 6 / silu_only / 1e6:.0f} GB/s)", flush=True)
+        del xs
     return results
 
 
@@ -480,22 +528,27 @@ def parse_tile(text: str) -> PrefillConfig:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="GPU checks and timings of mixquant.kernels")
-    parser.add_argument("--only", choices=["fp8-prefill"], help="run one section only")
+    parser.add_argument("--only", choices=["fp8-prefill", "gated-quant"], help="run one section only")
     parser.add_argument("--fp8-tile", type=parse_tile, default=PrefillConfig(), metavar="MxNxWARPSxSTAGES",
                         help="the fp8 prefill launch shape its checks and timings use (default: PrefillConfig())")
     args = parser.parse_args()
     start = time.time()
     report: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
     checks = []
+    if args.only in (None, "gated-quant"):
+        report["gated_quant_checks"] = check_gated_quant()
+        report["gated_quant_timings"] = bench_gated_quant()
+        checks += report["gated_quant_checks"]
     if args.only is None:
         report["attention_checks"] = check_attention()
         report["graph_check"] = check_graph()
         report["quant_checks"] = check_quant()
         checks += report["attention_checks"] + [report["graph_check"]] + report["quant_checks"]
-    fp8_start = time.time()
-    report.update(fp8_prefill_report(args.fp8_tile))
-    report["fp8_prefill_wall_s"] = time.time() - fp8_start
-    checks += report["fp8_prefill_checks"] + report["needle_checks"]
+    if args.only in (None, "fp8-prefill"):
+        fp8_start = time.time()
+        report.update(fp8_prefill_report(args.fp8_tile))
+        report["fp8_prefill_wall_s"] = time.time() - fp8_start
+        checks += report["fp8_prefill_checks"] + report["needle_checks"]
     if args.only is None:
         report["copy"] = bench_copy()
         report["attention_timings"] = bench_attention()
@@ -506,10 +559,10 @@ def main() -> int:
 
     if args.only is None:
         print_decode_and_quant(report)
-    print_fp8_prefill(report)
+    if "fp8_prefill_timings" in report:
+        print_fp8_prefill(report)
     failed = [c for c in checks if not c["ok"]]
-    print(f"checks: {len(checks) - len(failed)}/{len(checks)} ok; {report['wall_s']:.0f} s "
-          f"(fp8 prefill section {report['fp8_prefill_wall_s']:.0f} s)")
+    print(f"checks: {len(checks) - len(failed)}/{len(checks)} ok; {report['wall_s']:.0f} s")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "kernels.json").write_text(json.dumps(report, indent=1))
     return 0 if report["ok"] else 1

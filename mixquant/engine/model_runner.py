@@ -63,6 +63,9 @@ class ModelRunner:
             prequantized = loader.read_prequantized(resolve_model_path(config.prefill_model, config.revision),
                                                     self.device)
         loader.assign_linear_methods(self.model, config, dtype, prequantized)
+        # Where both phases compute alike (one precision, BF16 attention), the phase boundary changes no number.
+        self.phases_alike = config.prefill_attention == "bf16" and all(
+            layer.prefill_method is layer.decode_method for layer in self.model.linear_layers())
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.prefill_graphs: PrefillGraphs | None = None
@@ -173,8 +176,17 @@ class ModelRunner:
             segments.append(Segment(seq, max(start, boundary), end, Phase.DECODE))
         return segments
 
+    def segments(self, seq: Sequence, num_new: int) -> list[Segment]:
+        """A sequence's segments in a step's layout: split at the phase boundary only where the phases differ."""
+        segments = self.split_by_phase(seq, num_new)
+        if self.phases_alike and len(segments) == 2:
+            # the last prompt token rides with the prompt's rows instead of costing a pass of its own (with prefill
+            # CUDA graphs, a decode-graph replay: one more read of every weight)
+            return [Segment(seq, segments[0].start, segments[1].end, Phase.PREFILL)]
+        return segments
+
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        per_seq = [self.split_by_phase(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        per_seq = [self.segments(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
         ordered = [seg for segs in per_seq for seg in segs if seg.phase is Phase.PREFILL]
         ordered += [seg for segs in per_seq for seg in segs if seg.phase is Phase.DECODE]
         seq_index = {id(s): i for i, s in enumerate(batch.seqs)}

@@ -1,7 +1,9 @@
 """Per-token FP8 E4M3 quantization of activations in one Triton kernel.
 
 Computes what `mixquant.quantization.fp8.quantize_rowwise` computes on a CUDA device, bit for bit, in one read of x
-instead of the half-dozen passes (abs, amax, divide, where, clamp, cast) that eager PyTorch makes over it.
+instead of the half-dozen passes (abs, amax, divide, where, clamp, cast) that eager PyTorch makes over it. The same
+kernel can first apply the gated MLP's SiLU-and-multiply, so that the activation the down projection quantizes is
+never written in 16 bits and read back (the issue's measurement: quantizing in separate passes erased FP8's gain).
 """
 from __future__ import annotations
 
@@ -38,8 +40,22 @@ def _quantize(x, scale, FP8_MAX: tl.constexpr):
 
 
 @triton.jit
+def _load_row(x_row, offs, mask, K, GATED: tl.constexpr):
+    """K values of a row in float32: x itself, or silu(gate) * up of a [gate | up] row of 2K."""
+    if GATED:
+        gate = tl.load(x_row + offs, mask=mask, other=0.0)
+        up = tl.load(x_row + K + offs, mask=mask, other=0.0)
+        g = gate.to(tl.float32)
+        # rounded to x's dtype after the SiLU and after the product, as the unfused silu_and_mul is (eager, and
+        # compiled with emulate_precision_casts), with the sigmoid the compiled one uses
+        silu = (g * tl.sigmoid(g)).to(gate.dtype)
+        return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
+    return tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
-                            BLOCK_K: tl.constexpr, WHOLE_ROW: tl.constexpr,
+                            BLOCK_K: tl.constexpr, WHOLE_ROW: tl.constexpr, GATED: tl.constexpr,
                             FP8_MAX: tl.constexpr, ZERO_ROW_SCALE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # M * K may pass 2**31
     x_row = x_ptr + row * stride_x
@@ -47,18 +63,18 @@ def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
     offs = tl.arange(0, BLOCK_K)
     if WHOLE_ROW:
         mask = offs < K
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        x = _load_row(x_row, offs, mask, K, GATED)
         scale = _row_scale(tl.reduce(tl.abs(x), 0, _nan_max), FP8_MAX, ZERO_ROW_SCALE)
         tl.store(q_row + offs, _quantize(x, scale, FP8_MAX), mask=mask)
     else:
         amax = tl.zeros([BLOCK_K], tl.float32)  # masked lanes load 0, which never raises an |x| maximum
         for start in range(0, K, BLOCK_K):
             mask = start + offs < K
-            amax = _nan_max(amax, tl.abs(tl.load(x_row + start + offs, mask=mask, other=0.0).to(tl.float32)))
+            amax = _nan_max(amax, tl.abs(_load_row(x_row, start + offs, mask, K, GATED)))
         scale = _row_scale(tl.reduce(amax, 0, _nan_max), FP8_MAX, ZERO_ROW_SCALE)
         for start in range(0, K, BLOCK_K):  # the second read of the row mostly hits L2
             mask = start + offs < K
-            x = tl.load(x_row + start + offs, mask=mask, other=0.0).to(tl.float32)
+            x = _load_row(x_row, start + offs, mask, K, GATED)
             tl.store(q_row + start + offs, _quantize(x, scale, FP8_MAX), mask=mask)
     tl.store(scale_ptr + row, scale)
 
@@ -68,9 +84,20 @@ def per_token_quant_fp8(x: torch.Tensor, *, num_warps: int | None = None) -> tup
 
     Bit-identical to quantize_rowwise run on a CUDA device; `num_warps` overrides the default picked from K.
     """
+    return _launch(x, x.shape[1] if x.dim() == 2 else 0, gated=False, num_warps=num_warps)
+
+
+def silu_and_mul_quant_fp8(x: torch.Tensor, *, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, 2K] = [gate | up] -> per_token_quant_fp8(silu(gate) * up), in one pass that never writes the product."""
+    if x.dim() == 2 and x.shape[1] % 2:
+        raise ValueError(f"expected [gate | up] rows of even width, got {tuple(x.shape)}")
+    return _launch(x, x.shape[1] // 2 if x.dim() == 2 else 0, gated=True, num_warps=num_warps)
+
+
+def _launch(x: torch.Tensor, k: int, gated: bool, num_warps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() != 2:
         raise ValueError(f"expected x of shape [M, K], got {tuple(x.shape)}")
-    m, k = x.shape
+    m = x.shape[0]
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:
@@ -80,7 +107,8 @@ def per_token_quant_fp8(x: torch.Tensor, *, num_warps: int | None = None) -> tup
     whole_row = k <= _WHOLE_ROW_MAX
     block_k = triton.next_power_of_2(k) if whole_row else _CHUNK
     if num_warps is None:
-        num_warps = 8 if block_k >= 8192 else 4  # 32 to 64 fp32 values of x per thread
+        # 32 to 64 fp32 values of x per thread (of gate and of up when gated)
+        num_warps = (8 if block_k >= 8192 else 4) * (2 if gated else 1)
     _per_token_quant_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK_K=block_k, WHOLE_ROW=whole_row,
-                                  FP8_MAX=FP8_MAX, ZERO_ROW_SCALE=_ZERO_ROW_SCALE, num_warps=num_warps)
+                                  GATED=gated, FP8_MAX=FP8_MAX, ZERO_ROW_SCALE=_ZERO_ROW_SCALE, num_warps=num_warps)
     return q, scale

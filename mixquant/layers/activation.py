@@ -2,19 +2,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mixquant.utils.compile import fused_on_gpu
 
 
 @fused_on_gpu
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's activation on the fused gate/up output [gate | up]: silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-class SiluAndMul(nn.Module):
-    """The gated MLP's activation on the fused gate/up output: silu(gate) * up."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul(x)

@@ -55,16 +55,17 @@ class Linear(nn.Module):
         if not (prefill.uses_model_weight or decode.uses_model_weight):
             self.weight = None  # neither phase reads the model-dtype copy: give its memory back
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """gated: x is [gate | up] and this layer's input silu(gate) * up (see LinearMethod.__call__)."""
         split = get_context().num_prefill_rows
         if self.prefill_method is self.decode_method or split == 0:
-            return self.decode_method(x)
+            return self.decode_method(x, gated=gated)
         if split == x.shape[0]:
-            return self.prefill_method(x)
+            return self.prefill_method(x, gated=gated)
         # each method writes its rows of one output: no concatenation pass
         out = torch.empty(x.shape[0], sum(self.output_sizes), dtype=x.dtype, device=x.device)
-        self.prefill_method(x[:split], out=out[:split])
-        self.decode_method(x[split:], out=out[split:])
+        self.prefill_method(x[:split], out=out[:split], gated=gated)
+        self.decode_method(x[split:], out=out[split:], gated=gated)
         return out
 
     def extra_repr(self) -> str:

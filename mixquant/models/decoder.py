@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mixquant.layers.activation import SiluAndMul
 from mixquant.layers.attention import Attention
 from mixquant.layers.embed_head import LMHead, VocabEmbedding
 from mixquant.layers.layernorm import RMSNorm
@@ -55,10 +54,10 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, [inter, inter], False, f"{prefix}.gate_up_proj",
                                    shard_names=["gate_proj", "up_proj"])
         self.down_proj = Linear(inter, [config.hidden_size], False, f"{prefix}.down_proj")
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        # down_proj applies SiLU-and-multiply to its input itself: an FP8 method quantizes the product as it forms
+        return self.down_proj(self.gate_up_proj(x), gated=True)
 
 
 class DecoderLayer(nn.Module):

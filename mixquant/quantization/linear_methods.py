@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mixquant.layers.activation import silu_and_mul
 from mixquant.quantization import fp8, nvfp4
 
 
@@ -19,8 +20,12 @@ class LinearMethod:
     mode: str  # "native" | "emulated"
     uses_model_weight: bool = False
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W^T (+ bias); written into `out` when given (rows of a larger output)."""
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+        """x @ W^T (+ bias); written into `out` when given (rows of a larger output). gated: x is a gated MLP's
+        [gate | up] and the layer's input is silu(gate) * up, which a method that quantizes its input may fuse."""
+        return self.apply(silu_and_mul(x) if gated else x, out)
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -35,7 +40,7 @@ class BF16Method(LinearMethod):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.weight, self.bias = weight, bias
 
-    def __call__(self, x, out=None):
+    def apply(self, x, out):
         if out is None:
             return F.linear(x, self.weight, self.bias)
         if self.bias is None:
@@ -59,15 +64,19 @@ class FP8Method(LinearMethod):
         qweight, scale = fp8.quantize_rowwise(weight)
         return cls(qweight, scale, bias, native)
 
-    def __call__(self, x, out=None):
-        if self.mode == "native":
-            # one Triton pass per token (the eager abs/amax/div/clamp/cast chain cost more than FP8 GEMMs saved)
-            from mixquant.kernels.quant import per_token_quant_fp8
+    def __call__(self, x, out=None, gated=False):
+        if self.mode != "native":
+            return super().__call__(x, out, gated)
+        # one Triton pass per token, with the MLP's gating in it where there is one (the eager abs/amax/div/clamp/
+        # cast chain cost more than FP8 GEMMs saved)
+        from mixquant.kernels.quant import per_token_quant_fp8, silu_and_mul_quant_fp8
 
-            xq, x_scale = per_token_quant_fp8(x)
-            kwargs = {} if out is None else {"out": out}
-            return torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(),
-                                    bias=self.bias, out_dtype=x.dtype, **kwargs)
+        xq, x_scale = (silu_and_mul_quant_fp8 if gated else per_token_quant_fp8)(x)
+        kwargs = {} if out is None else {"out": out}
+        return torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(),
+                                bias=self.bias, out_dtype=x.dtype, **kwargs)
+
+    def apply(self, x, out):
         xq, x_scale = fp8.quantize_rowwise(x)
         result = fp8.scaled_mm_reference(xq, x_scale, self.qweight, self.weight_scale, x.dtype)
         result = result if self.bias is None else result + self.bias
@@ -119,7 +128,7 @@ class NVFP4Method(LinearMethod):
         groups = [ActivationGroup(0, weight.shape[0], None)]
         return cls(packed, block_scale, row_scales, groups, bias, native, compute_dtype)
 
-    def __call__(self, x, out=None):
+    def apply(self, x, out):
         outs = [self._group_mm(x, g) for g in self.groups]
         result = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         if self.bias is not None:

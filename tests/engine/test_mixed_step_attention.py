@@ -30,8 +30,10 @@ def test_decode_tail_equals_one_segment_per_row():
 
 
 def test_engine_sends_decode_rows_beside_a_prefill_to_the_batched_path(tiny_qwen3, monkeypatch):
-    # no prefix caching: b's prompt must be computed in the step, not found cached from the reference run
-    llm = LLM(str(tiny_qwen3), dtype="float32", device="cpu", block_size=4, enable_prefix_caching=False)
+    # no prefix caching: b's prompt must be computed in the step, not found cached from the reference run; phases
+    # that differ, so that b's last prompt token is a decode row (a uniform pair keeps it with its prompt's rows)
+    llm = LLM(str(tiny_qwen3), dtype="float32", device="cpu", block_size=4, enable_prefix_caching=False,
+              prefill_precision="fp8")
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompt_a, prompt_b = list(range(10, 23)), list(range(40, 49))
     alone = [o.outputs[0].token_ids for o in llm.generate([prompt_a, prompt_b], greedy, use_tqdm=False)]

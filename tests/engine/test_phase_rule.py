@@ -48,6 +48,35 @@ def test_rows_are_split_at_the_last_prompt_token():
     assert [(s.start, s.end, s.phase) for s in ModelRunner.split_by_phase(seq, 1)] == [(10, 11, Phase.DECODE)]
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_phases_that_compute_alike_share_one_segment(tiny_qwen3, precision):
+    """A uniform pair runs the last prompt token with the prompt's rows, and computes what the split layout does."""
+    assert not _llm(tiny_qwen3, precision, "nvfp4").engine.runner.phases_alike
+    llm = _llm(tiny_qwen3, precision, precision, enable_prefix_caching=False)
+    runner = llm.engine.runner
+    assert runner.phases_alike
+    prompt = _prompt(llm)
+    layouts = []
+    prepare = runner.prepare
+
+    def recording_prepare(batch):
+        inputs = prepare(batch)
+        layouts.append(dict(inputs.rows_per_phase))
+        return inputs
+
+    runner.prepare = recording_prepare
+    merged = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0]
+    first_split_step = len(layouts)
+    runner.phases_alike = False
+    split = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0]
+    assert layouts[0] == {Phase.PREFILL: len(prompt), Phase.DECODE: 0}
+    assert layouts[first_split_step] == {Phase.PREFILL: len(prompt) - 1, Phase.DECODE: 1}
+    assert merged.token_ids == split.token_ids
+    for ours, theirs in zip(merged.logprobs, split.logprobs):
+        for token in ours:
+            assert ours[token].logprob == pytest.approx(theirs[token].logprob, abs=1e-5)
+
+
 @pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
 def test_linear_routes_rows_by_phase(precision):
     torch.manual_seed(0)

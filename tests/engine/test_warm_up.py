@@ -30,7 +30,8 @@ def test_warm_up_runs_a_prefill_beside_a_decode(tiny_qwen3, monkeypatch):
     forward = engine.runner.forward
 
     def recording_forward(inputs):
-        mixed.append(0 < inputs.context.num_prefill_rows < inputs.input_ids.shape[0] - 1)
+        # bf16/bf16: a prompt's last token stays with its prompt's rows, so decode rows are running requests'
+        mixed.append(0 < inputs.context.num_prefill_rows < inputs.input_ids.shape[0])
         return forward(inputs)
 
     monkeypatch.setattr(engine.runner, "forward", recording_forward)

@@ -74,3 +74,24 @@ def test_nan_row_becomes_nan_like_quantize_rowwise():
 def test_no_rows():
     q, scale = per_token_quant_fp8(torch.empty(0, 64, dtype=torch.bfloat16))
     assert q.shape == (0, 64) and q.dtype == torch.float8_e4m3fn and scale.shape == (0, 1)
+
+
+@pytest.mark.parametrize("k", [48, 4096, 16384 + 4096 + 16])
+def test_gated_rows_match_quantizing_the_silu_product(k):
+    """silu_and_mul_quant_fp8 equals per-token quantization of SiluAndMul's product, itself rounded to bf16."""
+    from mixquant.kernels.quant import silu_and_mul_quant_fp8
+    from mixquant.layers.activation import silu_and_mul
+
+    x = random_rows(5, 2 * k, torch.bfloat16, seed=k) * 0.5
+    q, scale = silu_and_mul_quant_fp8(x)
+    q_ref, scale_ref = cuda_quantize_rowwise(silu_and_mul(x))
+    assert q.shape == (5, k) and scale.shape == (5, 1)
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def test_gated_rows_must_pair_gate_and_up():
+    from mixquant.kernels.quant import silu_and_mul_quant_fp8
+
+    with pytest.raises(ValueError, match="even width"):
+        silu_and_mul_quant_fp8(torch.zeros(2, 7, dtype=torch.bfloat16))
