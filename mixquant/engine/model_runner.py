@@ -42,7 +42,7 @@ class StepInputs:
     context: ForwardContext
     sample_rows: list[int]  # row of each sequence that yields its next token (-1: none this step)
     prompt_logprob_rows: dict[int, list[int]]  # seq index -> rows whose logits score prompt tokens
-    rows_per_phase: dict[Phase, int]
+    rows_per_phase: dict[Phase, int]  # tokens of each phase by the phase rule, whatever the layout
 
 
 class ModelRunner:
@@ -176,17 +176,17 @@ class ModelRunner:
             segments.append(Segment(seq, max(start, boundary), end, Phase.DECODE))
         return segments
 
-    def segments(self, seq: Sequence, num_new: int) -> list[Segment]:
+    def _layout(self, segments: list[Segment]) -> list[Segment]:
         """A sequence's segments in a step's layout: split at the phase boundary only where the phases differ."""
-        segments = self.split_by_phase(seq, num_new)
         if self.phases_alike and len(segments) == 2:
             # the last prompt token rides with the prompt's rows instead of costing a pass of its own (with prefill
             # CUDA graphs, a decode-graph replay: one more read of every weight)
-            return [Segment(seq, segments[0].start, segments[1].end, Phase.PREFILL)]
+            return [Segment(segments[0].seq, segments[0].start, segments[1].end, Phase.PREFILL)]
         return segments
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        per_seq = [self.segments(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        by_phase = [self.split_by_phase(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        per_seq = [self._layout(segs) for segs in by_phase]
         ordered = [seg for segs in per_seq for seg in segs if seg.phase is Phase.PREFILL]
         ordered += [seg for segs in per_seq for seg in segs if seg.phase is Phase.DECODE]
         seq_index = {id(s): i for i, s in enumerate(batch.seqs)}
@@ -225,7 +225,8 @@ class ModelRunner:
                              context_lens=lens, prefill_attention=self.config.prefill_attention)
         return StepInputs(torch.tensor(input_ids, dtype=torch.long, device=dev),
                           torch.tensor(positions, dtype=torch.long, device=dev), ctx, sample_rows, prompt_rows,
-                          {Phase.PREFILL: num_prefill, Phase.DECODE: row - num_prefill})
+                          {phase: sum(seg.end - seg.start for segs in by_phase for seg in segs if seg.phase is phase)
+                           for phase in Phase})
 
     def _decode_tables(self, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
         """Block tables padded to one width, and context lengths, of single-token decode segments."""

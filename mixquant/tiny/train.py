@@ -41,14 +41,15 @@ SHORT_RETRIEVAL = {"fraction": 0.5, "max_records": (1, 2, 4, 8, 16, 48)}
 TRAIN_QUESTION_KINDS = tasks.QUESTION_KINDS + ("line_by_id", "line_by_id")
 
 
-def model_config(tokenizer):
-    """About 16M parameters; 384 and 1024 are multiples of the FP8 (16) and NVFP4 (16) block sizes."""
+def model_config(tokenizer, kv_heads: int = 2):
+    """About 16M parameters (18M with 6 KV heads); 384 and 1024 are multiples of the FP8 (16) and NVFP4 (16) block
+    sizes."""
     from transformers import Qwen3Config
 
     return Qwen3Config(
         vocab_size=-(-len(tokenizer) // 128) * 128, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, hidden_size=384, intermediate_size=1024, num_hidden_layers=10,
-        num_attention_heads=6, num_key_value_heads=2, head_dim=64, max_position_embeddings=SEQ_LEN,
+        num_attention_heads=6, num_key_value_heads=kv_heads, head_dim=64, max_position_embeddings=SEQ_LEN,
         rope_theta=100000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, dtype="bfloat16")
 
 
@@ -173,7 +174,7 @@ def train(args) -> Path:
     device = torch.device(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     model = (Qwen3ForCausalLM.from_pretrained(args.init_from, dtype=torch.float32) if args.init_from
-             else Qwen3ForCausalLM(model_config(tokenizer))).to(device)
+             else Qwen3ForCausalLM(model_config(tokenizer, args.kv_heads))).to(device)
     model.config._attn_implementation = attention_implementation(device)
     dense_mask = model.config._attn_implementation != "flex_attention"
     model.train()
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-rows", type=int, default=32, help=f"rows of {SEQ_LEN} tokens per step")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--init-from", help="continue from this checkpoint's weights (a fresh optimizer)")
+    parser.add_argument("--kv-heads", type=int, default=2, help="KV heads of a model trained from scratch (of 6 "
+                        "query heads; the shipped model has 2)")
     parser.add_argument("--workers", type=int, default=12, help="data generator processes")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)

@@ -61,7 +61,7 @@ def test_phases_that_compute_alike_share_one_segment(tiny_qwen3, precision):
 
     def recording_prepare(batch):
         inputs = prepare(batch)
-        layouts.append(dict(inputs.rows_per_phase))
+        layouts.append((inputs.context.num_prefill_rows, inputs.input_ids.shape[0], dict(inputs.rows_per_phase)))
         return inputs
 
     runner.prepare = recording_prepare
@@ -69,8 +69,9 @@ def test_phases_that_compute_alike_share_one_segment(tiny_qwen3, precision):
     first_split_step = len(layouts)
     runner.phases_alike = False
     split = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0]
-    assert layouts[0] == {Phase.PREFILL: len(prompt), Phase.DECODE: 0}
-    assert layouts[first_split_step] == {Phase.PREFILL: len(prompt) - 1, Phase.DECODE: 1}
+    by_rule = {Phase.PREFILL: len(prompt) - 1, Phase.DECODE: 1}  # what the counters report, either way
+    assert layouts[0] == (len(prompt), len(prompt), by_rule)
+    assert layouts[first_split_step] == (len(prompt) - 1, len(prompt), by_rule)
     assert merged.token_ids == split.token_ids
     for ours, theirs in zip(merged.logprobs, split.logprobs):
         for token in ours:
