@@ -96,6 +96,25 @@ def test_linear_routes_rows_by_phase(precision):
 
 
 @pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
+def test_gated_input_is_gated_in_each_phase(precision):
+    """Linear(x, gated=True) computes each phase's rows from silu(gate) * up, as the MLP did before the fusion."""
+    from mixquant.layers.activation import silu_and_mul
+
+    torch.manual_seed(1)
+    layer = Linear(32, [48], bias=False, prefix="model.layers.0.mlp.down_proj")
+    layer.weight.data.normal_()
+    low = (FP8Method.from_weight(layer.weight, None, native=False) if precision == "fp8" else
+           NVFP4Method.from_weight(layer.weight, layer.output_sizes, None, native=False, compute_dtype=torch.float32))
+    layer.set_methods(low, BF16Method(layer.weight, None))
+    gate_up = torch.randn(7, 64)
+    with forward_context(ForwardContext(num_prefill_rows=5, slot_mapping=torch.zeros(7, dtype=torch.long))):
+        gated = layer(gate_up, gated=True)
+        plain = layer(silu_and_mul(gate_up))
+    torch.testing.assert_close(gated, plain, rtol=0, atol=0)
+    torch.testing.assert_close(gated[:5], low(silu_and_mul(gate_up[:5])), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
 def test_prompt_kv_is_the_low_precision_kv(tiny_qwen3, precision):
     mixed = _llm(tiny_qwen3, precision, "bf16")
     full_low = _llm(tiny_qwen3, precision, precision)
