@@ -78,15 +78,20 @@ def test_phases_that_compute_alike_share_one_segment(tiny_qwen3, precision):
             assert ours[token].logprob == pytest.approx(theirs[token].logprob, abs=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
-def test_linear_routes_rows_by_phase(precision):
-    torch.manual_seed(0)
-    layer = Linear(64, [32, 16], bias=False, prefix="model.layers.0.mlp.gate_up_proj",
-                   shard_names=["gate_proj", "up_proj"])
+def _mixed_layer(precision: str, layer: Linear) -> tuple[Linear, object]:
+    """The layer with random weights, its prefill rows in `precision` (emulated) and its decode rows in BF16."""
     layer.weight.data.normal_()
     low = (FP8Method.from_weight(layer.weight, None, native=False) if precision == "fp8" else
            NVFP4Method.from_weight(layer.weight, layer.output_sizes, None, native=False, compute_dtype=torch.float32))
     layer.set_methods(low, BF16Method(layer.weight, None))
+    return layer, low
+
+
+@pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
+def test_linear_routes_rows_by_phase(precision):
+    torch.manual_seed(0)
+    layer, low = _mixed_layer(precision, Linear(64, [32, 16], bias=False, prefix="model.layers.0.mlp.gate_up_proj",
+                                                shard_names=["gate_proj", "up_proj"]))
     x = torch.randn(7, 64)
     with forward_context(ForwardContext(num_prefill_rows=5, slot_mapping=torch.zeros(7, dtype=torch.long))):
         mixed = layer(x)
@@ -101,11 +106,7 @@ def test_gated_input_is_gated_in_each_phase(precision):
     from mixquant.layers.activation import silu_and_mul
 
     torch.manual_seed(1)
-    layer = Linear(32, [48], bias=False, prefix="model.layers.0.mlp.down_proj")
-    layer.weight.data.normal_()
-    low = (FP8Method.from_weight(layer.weight, None, native=False) if precision == "fp8" else
-           NVFP4Method.from_weight(layer.weight, layer.output_sizes, None, native=False, compute_dtype=torch.float32))
-    layer.set_methods(low, BF16Method(layer.weight, None))
+    layer, low = _mixed_layer(precision, Linear(32, [48], bias=False, prefix="model.layers.0.mlp.down_proj"))
     gate_up = torch.randn(7, 64)
     with forward_context(ForwardContext(num_prefill_rows=5, slot_mapping=torch.zeros(7, dtype=torch.long))):
         gated = layer(gate_up, gated=True)
