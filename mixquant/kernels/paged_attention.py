@@ -44,7 +44,10 @@ def _split_len(context_len, num_splits, BLOCK_N: tl.constexpr):
     return tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
 
 
-@triton.jit
+# Triton compiles a kernel again for every new combination of its int arguments' "== 1" and "% 16 == 0"; the split
+# count and the table width follow the batch, so specializing on them would compile anew in the middle of serving
+# (an eager decode tail beside a prefill meets widths the start-up graphs never saw), for no gain in these loads.
+@triton.jit(do_not_specialize=["num_splits", "stride_table"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -106,7 +109,7 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=head_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, context_lens_ptr, num_splits,
     stride_ob, stride_oh,
@@ -196,7 +199,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         _merge_kernel[(batch, num_heads)](
             out, part_out, part_lse, context_lens, num_splits,
             out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            # one padded width for every split count up to MAX_SPLITS: one compiled variant, not one per power of 2
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(max(num_splits, MAX_SPLITS)),
             BLOCK_N=config.block_n, num_warps=1 if head_dim <= 64 else 2,
         )
     return out

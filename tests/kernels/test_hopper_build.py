@@ -13,6 +13,7 @@ import tempfile
 from collections import Counter
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget
@@ -157,3 +158,40 @@ def test_quantize_blocks_kernel_builds_with_torch_cuda_arithmetic(transpose):
     assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx" not in ptx
     assert re.search(r"mul(\.rn)?\.f32\s+%r\d+, %r\d+, 0f3B124925;", ptx), "scale = amax * float32(1/448)"
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+
+
+class _Launches:
+    """Stands in for a Triton kernel: records each launch's arguments instead of running it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+def test_decode_kernels_compile_once_for_every_batch_shape(monkeypatch):
+    """Triton compiles a kernel again for each new specialization of its arguments. Table widths and split counts
+    follow the batch: were the kernels specialized on them, an eager decode tail beside a prefill would compile in
+    the middle of serving (widths the start-up graphs never saw)."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from mixquant.kernels import paged_attention
+
+    backend = make_backend(HOPPER)
+    launches = {name: _Launches() for name in ("_decode_split_kernel", "_merge_kernel")}
+    kernels = {name: getattr(paged_attention, name) for name in launches}
+    for name, recorder in launches.items():
+        monkeypatch.setattr(paged_attention, name, recorder)
+    cache = torch.zeros(400, 16, 8, 128, dtype=torch.bfloat16)
+    for batch, width, splits in ((1, 1, 64), (1, 320, 64), (1, 321, 3), (3, 437, 17), (8, 2560, 2)):
+        q = torch.zeros(batch, 32, 128, dtype=torch.bfloat16)
+        tables = torch.zeros(batch, width, dtype=torch.int32)
+        paged_attention.paged_decode_attention(q, cache, cache, tables, torch.ones(batch, dtype=torch.int32), 0.1,
+                                               num_splits=splits)
+    for name, recorder in launches.items():
+        binder = create_function_from_signature(kernels[name].signature, kernels[name].params, backend)
+        keys = {str(binder(*args, **{k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")},
+                           debug=False)[1]) for args, kwargs in recorder.calls}
+        assert len(recorder.calls) == 5 and len(keys) == 1, (name, keys)
