@@ -229,11 +229,14 @@ class ModelRunner:
                            for phase in Phase})
 
     def _decode_tables(self, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block tables padded to one width, and context lengths, of single-token decode segments."""
+        """Block tables padded to one width, and context lengths, of single-token decode segments.
+
+        int32, as the decode graphs' inputs: the paged decode kernel beside a prefill then runs the variant those
+        graphs compiled at start-up, where int64 tables made Triton compile another in the middle of serving."""
         width = max(len(seg.seq.block_table) for seg in segments)
         tables = torch.tensor([seg.seq.block_table + [0] * (width - len(seg.seq.block_table)) for seg in segments],
-                              dtype=torch.long, device=self.device)
-        return tables, torch.tensor([seg.end for seg in segments], dtype=torch.long, device=self.device)
+                              dtype=torch.int32, device=self.device)
+        return tables, torch.tensor([seg.end for seg in segments], dtype=torch.int32, device=self.device)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
