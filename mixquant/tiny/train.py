@@ -165,6 +165,23 @@ def learning_rate(progress: float, peak: float, warmup: float = 0.03, floor: flo
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup)))))
 
 
+def schedule_span(text: str) -> tuple[float, float]:
+    """`START:END`, the part of one learning-rate schedule a run covers (e.g. 0:0.34, 0.34:0.67, 0.67:1 for three
+    chained device calls, each --init-from the one before), so that chained runs decay once instead of restarting."""
+    try:
+        start, end = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected START:END, e.g. 0.34:0.67") from None
+    if not 0 <= start < end <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= START < END <= 1")
+    return start, end
+
+
+def in_schedule(progress: float, span: tuple[float, float]) -> float:
+    """Where a run that is `progress` of the way through its own budget stands in the shared schedule."""
+    return span[0] + progress * (span[1] - span[0])
+
+
 def train(args) -> Path:
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
@@ -196,7 +213,7 @@ def train(args) -> Path:
         if progress >= 1:
             break
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(progress, args.lr)
+            group["lr"] = learning_rate(in_schedule(progress, args.schedule), args.lr)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         try:
             logits = forward(model, batch, dense_mask)
@@ -290,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps too (0: no limit)")
     parser.add_argument("--batch-rows", type=int, default=32, help=f"rows of {SEQ_LEN} tokens per step")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--schedule", type=schedule_span, default=(0.0, 1.0), metavar="START:END",
+                        help="the part of one warm-up + cosine schedule this run covers (default: all of it)")
     parser.add_argument("--init-from", help="continue from this checkpoint's weights (a fresh optimizer)")
     parser.add_argument("--kv-heads", type=int, default=2, help="KV heads of a model trained from scratch (of 6 "
                         "query heads; the shipped model has 2)")

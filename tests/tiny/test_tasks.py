@@ -164,6 +164,20 @@ def test_learning_rate_warms_up_then_decays():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_chained_runs_share_one_schedule():
+    import argparse
+
+    from mixquant.tiny.train import in_schedule, schedule_span
+
+    # the second of two chained runs starts where one long run would be halfway: decayed, no second warm-up
+    assert learning_rate(in_schedule(0.0, (0.5, 1.0)), 1.0) == pytest.approx(learning_rate(0.5, 1.0))
+    assert in_schedule(1.0, (0.0, 0.34)) == pytest.approx(0.34)
+    assert schedule_span("0.34:0.67") == (0.34, 0.67)
+    for bad in ("0.5", "0.6:0.4", "0:1.5", "a:b"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            schedule_span(bad)
+
+
 def test_training_continues_from_the_bundled_checkpoint_and_saves_it(tmp_path):
     from mixquant.tiny import bundled_model_path
     from mixquant.tiny.train import main
