@@ -84,20 +84,20 @@ def per_token_quant_fp8(x: torch.Tensor, *, num_warps: int | None = None) -> tup
 
     Bit-identical to quantize_rowwise run on a CUDA device; `num_warps` overrides the default picked from K.
     """
-    return _launch(x, x.shape[1] if x.dim() == 2 else 0, gated=False, num_warps=num_warps)
+    return _launch(x, gated=False, num_warps=num_warps)
 
 
 def silu_and_mul_quant_fp8(x: torch.Tensor, *, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, 2K] = [gate | up] -> per_token_quant_fp8(silu(gate) * up), in one pass that never writes the product."""
-    if x.dim() == 2 and x.shape[1] % 2:
-        raise ValueError(f"expected [gate | up] rows of even width, got {tuple(x.shape)}")
-    return _launch(x, x.shape[1] // 2 if x.dim() == 2 else 0, gated=True, num_warps=num_warps)
+    return _launch(x, gated=True, num_warps=num_warps)
 
 
-def _launch(x: torch.Tensor, k: int, gated: bool, num_warps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch(x: torch.Tensor, gated: bool, num_warps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() != 2:
         raise ValueError(f"expected x of shape [M, K], got {tuple(x.shape)}")
-    m = x.shape[0]
+    if gated and x.shape[1] % 2:
+        raise ValueError(f"expected [gate | up] rows of even width, got {tuple(x.shape)}")
+    m, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:

@@ -191,7 +191,7 @@ def train(args) -> Path:
     device = torch.device(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     model = (Qwen3ForCausalLM.from_pretrained(args.init_from, dtype=torch.float32) if args.init_from
-             else Qwen3ForCausalLM(model_config(tokenizer, args.kv_heads))).to(device)
+             else Qwen3ForCausalLM(model_config(tokenizer, args.kv_heads or 2))).to(device)
     model.config._attn_implementation = attention_implementation(device)
     dense_mask = model.config._attn_implementation != "flex_attention"
     model.train()
@@ -310,13 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedule", type=schedule_span, default=(0.0, 1.0), metavar="START:END",
                         help="the part of one warm-up + cosine schedule this run covers (default: all of it)")
     parser.add_argument("--init-from", help="continue from this checkpoint's weights (a fresh optimizer)")
-    parser.add_argument("--kv-heads", type=int, default=2, help="KV heads of a model trained from scratch (of 6 "
-                        "query heads; the shipped model has 2)")
+    parser.add_argument("--kv-heads", type=int, help="KV heads of a model trained from scratch (of 6 query heads; "
+                        "default 2, the shipped model's)")
     parser.add_argument("--workers", type=int, default=12, help="data generator processes")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.init_from and args.kv_heads is not None:
+        parser.error("--kv-heads shapes a model trained from scratch; --init-from takes the checkpoint's shape")
     train(args)
     return 0
 

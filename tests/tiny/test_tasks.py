@@ -178,6 +178,13 @@ def test_chained_runs_share_one_schedule():
             schedule_span(bad)
 
 
+def test_kv_heads_are_refused_for_a_continued_checkpoint(tmp_path):
+    from mixquant.tiny.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--output-dir", str(tmp_path), "--init-from", str(bundled_model_path()), "--kv-heads", "6"])
+
+
 def test_training_continues_from_the_bundled_checkpoint_and_saves_it(tmp_path):
     from mixquant.tiny import bundled_model_path
     from mixquant.tiny.train import main
