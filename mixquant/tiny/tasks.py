@@ -87,8 +87,9 @@ def make_records(rng: random.Random, count: int) -> list[Record]:
     return [Record(i, n, rng.choice(CITIES), rng.randint(1, 999)) for i, n in zip(ids, names)]
 
 
-# What a retrieval question asks. Held-out sets ask QUESTION_KINDS; training may add "line_by_id" (quote the whole
-# record), which only exercises the copy that the other answers are made of.
+# What a retrieval question asks. Held-out sets ask QUESTION_KINDS; training may add "lines_by_id" (quote 1 to 8
+# whole records), which only exercises the copy that the other answers are made of, with every answer token a
+# lookup: a one-line answer carries ~15 loss tokens for a prompt of up to 4k, several lines carry up to ~200.
 QUESTION_KINDS = ("value_by_id", "name_by_id", "city_by_name", "several")
 
 
@@ -99,8 +100,9 @@ def record_question(rng: random.Random, records: list[Record],
     it as in the list (a copy), where an answer that names the field first needs a lookup back to its key."""
     kind = rng.choice(kinds)
     r = rng.choice(records)
-    if kind == "line_by_id":
-        return f"Show record {r.id} as listed.", f"R{r.line()[1:]}."
+    if kind == "lines_by_id":
+        chosen = rng.sample(records, min(len(records), rng.randint(1, 8)))
+        return f"Show {listed(chosen)} as listed.", "\n".join(f"R{c.line()[1:]}." for c in chosen)
     if kind == "value_by_id":
         return f"What is the value of record {r.id}?", f"Record {r.id}: value {r.value}."
     if kind == "name_by_id":
@@ -108,8 +110,14 @@ def record_question(rng: random.Random, records: list[Record],
     if kind == "city_by_name":
         return f"Which city is {r.name} in?", f"Name {r.name}, city {r.city}."
     chosen = rng.sample(records, min(len(records), rng.randint(2, 3)))
-    ids = ", ".join(str(c.id) for c in chosen[:-1]) + f" and {chosen[-1].id}"
-    return f"What are the values of records {ids}?", " ".join(f"Record {c.id}: value {c.value}." for c in chosen)
+    return f"What are the values of {listed(chosen)}?", " ".join(f"Record {c.id}: value {c.value}." for c in chosen)
+
+
+def listed(records: list[Record]) -> str:
+    """'record 4821', or 'records 4821, 112 and 907'."""
+    if len(records) == 1:
+        return f"record {records[0].id}"
+    return "records " + ", ".join(str(r.id) for r in records[:-1]) + f" and {records[-1].id}"
 
 
 def retrieval(rng: random.Random, max_records: int = 190, kinds: tuple[str, ...] = QUESTION_KINDS) -> Example:

@@ -31,14 +31,14 @@ NO_THINK_FRACTION = 0.3  # prompts rendered with enable_thinking=False, for task
 # ids) and carrying digits take the most examples. Short record lists teach the lookup sooner: half of the
 # retrieval examples are capped at fewer records than evaluation uses. Multi-turn recall (records and tool facts
 # far back in a session) is the other slow one.
-TRAIN_MIX = {"retrieval": 0.45, "arithmetic": 0.1, "tool_use": 0.1, "multi_turn": 0.35}
+TRAIN_MIX = {"retrieval": 0.45, "arithmetic": 0.15, "tool_use": 0.05, "multi_turn": 0.35}
 # After phase 5 the model copied no name or city out of a record line, even from 5 records (docs/tiny-model.md).
 # Lists of 1 and 2 records start a curriculum: with one line a field is copied with no line to pick, with two the
 # copy must first tell the lines apart.
 SHORT_RETRIEVAL = {"fraction": 0.5, "max_records": (1, 2, 4, 8, 16, 48)}
-# A third of the retrieval questions in training ask for a whole record line: after phase 4 the model copied the
+# A third of the retrieval questions in training ask for whole record lines: after phase 4 the model copied the
 # value after an id but not the fields after it (docs/tiny-model.md), and a whole-line quote is all copy.
-TRAIN_QUESTION_KINDS = tasks.QUESTION_KINDS + ("line_by_id", "line_by_id")
+TRAIN_QUESTION_KINDS = tasks.QUESTION_KINDS + ("lines_by_id", "lines_by_id")
 
 
 def model_config(tokenizer, kv_heads: int = 2):
@@ -182,6 +182,13 @@ def in_schedule(progress: float, span: tuple[float, float]) -> float:
     return span[0] + progress * (span[1] - span[0])
 
 
+def restart_ramp(progress: float, span: tuple[float, float], warmup: float = 0.03) -> float:
+    """A run that starts inside the schedule has a fresh AdamW all the same (a checkpoint carries no optimizer
+    state), and a fresh Adam's first steps are as large as the learning rate whatever the gradient: it ramps up as a
+    warm-up would."""
+    return 1.0 if span[0] == 0 else min(1.0, progress / warmup)
+
+
 def train(args) -> Path:
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
@@ -213,7 +220,8 @@ def train(args) -> Path:
         if progress >= 1:
             break
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(in_schedule(progress, args.schedule), args.lr)
+            group["lr"] = (learning_rate(in_schedule(progress, args.schedule), args.lr)
+                           * restart_ramp(progress, args.schedule))
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         try:
             logits = forward(model, batch, dense_mask)
