@@ -31,7 +31,7 @@ NO_THINK_FRACTION = 0.3  # prompts rendered with enable_thinking=False, for task
 # ids) and carrying digits take the most examples. Short record lists teach the lookup sooner: half of the
 # retrieval examples are capped at fewer records than evaluation uses. Multi-turn recall (records and tool facts
 # far back in a session) is the other slow one.
-TRAIN_MIX = {"retrieval": 0.45, "arithmetic": 0.15, "tool_use": 0.05, "multi_turn": 0.35}
+TRAIN_MIX = {"retrieval": 0.4, "arithmetic": 0.25, "tool_use": 0.05, "multi_turn": 0.3}
 # After phase 5 the model copied no name or city out of a record line, even from 5 records (docs/tiny-model.md).
 # Lists of 1 and 2 records start a curriculum: with one line a field is copied with no line to pick, with two the
 # copy must first tell the lines apart.
