@@ -69,8 +69,10 @@ class PackedStream(IterableDataset):
     """Rows of SEQ_LEN tokens packed from generated examples: input ids, next-token targets (-100 where no loss),
     positions restarting per example, the example index per token (for the document mask), the task per target."""
 
-    def __init__(self, tokenizer_dir: str, seed: int):
+    def __init__(self, tokenizer_dir: str, seed: int, mix: dict[str, float] | None = None,
+                 retrieval_kinds: tuple[str, ...] = TRAIN_QUESTION_KINDS, max_records: int | None = None):
         self.tokenizer_dir, self.seed = tokenizer_dir, seed
+        self.mix, self.retrieval_kinds, self.max_records = mix or TRAIN_MIX, retrieval_kinds, max_records
 
     def __iter__(self):
         from transformers import AutoTokenizer
@@ -81,14 +83,16 @@ class PackedStream(IterableDataset):
         rng = random.Random(self.seed * 1000 + worker)
         counter = 0
         row = []  # (ids, answer_start, task index)
-        weights = [TRAIN_MIX[t] for t in tasks.TASKS]
+        weights = [self.mix.get(t, 0.0) for t in tasks.TASKS]
         while True:
             task = rng.choices(range(len(tasks.TASKS)), weights)[0]
             sizes = {}
             if tasks.TASKS[task] == "retrieval":
-                sizes["kinds"] = TRAIN_QUESTION_KINDS
+                sizes["kinds"] = self.retrieval_kinds
                 if rng.random() < SHORT_RETRIEVAL["fraction"]:
                     sizes["max_records"] = rng.choice(SHORT_RETRIEVAL["max_records"])
+                if self.max_records:
+                    sizes["max_records"] = min(sizes.get("max_records", self.max_records), self.max_records)
             seed = tasks.TRAIN_SEED_BASE + (self.seed * 1000 + worker) * (1 << 32) + counter
             example = tasks.generate(tasks.TASKS[task], seed, **sizes)
             counter += 1
@@ -177,6 +181,33 @@ def schedule_span(text: str) -> tuple[float, float]:
     return start, end
 
 
+def task_mix(text: str) -> dict[str, float]:
+    """`retrieval=1,arithmetic=0.2`: the tasks to train on and their weights (unnamed tasks: none)."""
+    mix = {}
+    for part in text.split(","):
+        task, _, weight = part.partition("=")
+        if task not in tasks.TASKS:
+            raise argparse.ArgumentTypeError(f"{task!r}: not a task; the tasks are {', '.join(tasks.TASKS)}")
+        try:
+            mix[task] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected TASK=WEIGHT, e.g. retrieval=1") from None
+        if mix[task] < 0:
+            raise argparse.ArgumentTypeError(f"{part!r}: a weight cannot be negative")
+    if not sum(mix.values()):
+        raise argparse.ArgumentTypeError(f"{text!r}: no task has a weight")
+    return mix
+
+
+def question_kinds(text: str) -> tuple[str, ...]:
+    known = tasks.QUESTION_KINDS + ("lines_by_id",)
+    kinds = tuple(text.split(","))
+    for kind in kinds:
+        if kind not in known:
+            raise argparse.ArgumentTypeError(f"{kind!r}: not a retrieval question; they are {', '.join(known)}")
+    return kinds
+
+
 def in_schedule(progress: float, span: tuple[float, float]) -> float:
     """Where a run that is `progress` of the way through its own budget stands in the shared schedule."""
     return span[0] + progress * (span[1] - span[0])
@@ -206,7 +237,8 @@ def train(args) -> Path:
     print(f"mixquant-tiny: {params / 1e6:.1f}M parameters, vocab {model.config.vocab_size}", flush=True)
     optimizer = torch.optim.AdamW(parameter_groups(model), lr=args.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
-    loader = DataLoader(PackedStream(args.tokenizer, args.seed), batch_size=args.batch_rows,
+    stream = PackedStream(args.tokenizer, args.seed, args.mix, args.retrieval_questions, args.max_records)
+    loader = DataLoader(stream, batch_size=args.batch_rows,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=8 if args.workers else None, persistent_workers=args.workers > 0)
     budget = args.minutes * 60
@@ -248,10 +280,11 @@ def train(args) -> Path:
         tokens_seen += batch["input_ids"].numel()
         if step % args.log_every == 0:
             losses = (window["loss"] / window["count"].clamp(min=1)).tolist()
+            seen = (window["count"] > 0).tolist()  # a task outside --mix has no loss to log
             elapsed = time.perf_counter() - start
             record = {"step": step, "elapsed_s": round(elapsed, 1), "tokens": tokens_seen,
                       "tokens_per_s": round(tokens_seen / elapsed), "lr": optimizer.param_groups[0]["lr"],
-                      "loss": {t: round(v, 4) for t, v in zip(tasks.TASKS, losses)}}
+                      "loss": {t: round(v, 4) for t, v, any_ in zip(tasks.TASKS, losses, seen) if any_}}
             log.write(json.dumps(record) + "\n")
             log.flush()
             print(json.dumps(record), flush=True)
@@ -295,7 +328,9 @@ def plot_loss(log_files: list[Path], path: Path):
         if number < len(log_files) - 1:
             ax.axvline(offset / 1e6, color="gray", linestyle=":", linewidth=1)
     for task in tasks.TASKS:
-        ax.plot([t / 1e6 for t, _ in points], [loss[task] for _, loss in points], label=task)
+        logged = [(t / 1e6, loss[task]) for t, loss in points if task in loss]
+        if logged:
+            ax.plot(*zip(*logged), label=task)
     ax.set_yscale("log")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("answer-token loss")
@@ -317,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--schedule", type=schedule_span, default=(0.0, 1.0), metavar="START:END",
                         help="the part of one warm-up + cosine schedule this run covers (default: all of it)")
+    parser.add_argument("--mix", type=task_mix, default=TRAIN_MIX, metavar="TASK=WEIGHT,...",
+                        help=f"tasks and their weights (default: {','.join(f'{t}={w}' for t, w in TRAIN_MIX.items())})")
+    parser.add_argument("--retrieval-questions", type=question_kinds, default=TRAIN_QUESTION_KINDS,
+                        metavar="KIND,...", help="the retrieval questions to train on (default: every kind, "
+                        "a third of them whole-line quotes)")
+    parser.add_argument("--max-records", type=int, help="cap every record list at this many records")
     parser.add_argument("--init-from", help="continue from this checkpoint's weights (a fresh optimizer)")
     parser.add_argument("--kv-heads", type=int, help="KV heads of a model trained from scratch (of 6 query heads; "
                         "default 2, the shipped model's)")

@@ -204,3 +204,26 @@ def test_training_continues_from_the_bundled_checkpoint_and_saves_it(tmp_path):
     assert generation["temperature"] == 0.0 and generation["do_sample"] is False  # served greedy
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1]
     assert (out / "loss.png").stat().st_size > 0
+
+
+def test_an_experiment_trains_on_one_task_and_question_kind():
+    import argparse
+
+    from mixquant.tiny.train import question_kinds, task_mix
+
+    assert task_mix("retrieval=1,arithmetic=0.5") == {"retrieval": 1.0, "arithmetic": 0.5}
+    for bad in ("retrival=1", "retrieval", "retrieval=-1", "retrieval=0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            task_mix(bad)
+    with pytest.raises(argparse.ArgumentTypeError):
+        question_kinds("name_by_id,age_by_id")
+    stream = PackedStream(str(bundled_model_path()), seed=0, mix=task_mix("retrieval=1"),
+                          retrieval_kinds=question_kinds("name_by_id"), max_records=3)
+    row = next(iter(stream))
+    scored = row["task_of_target"][row["targets"] != -100]
+    assert scored.numel() and (scored == tasks.TASKS.index("retrieval")).all()
+    from transformers import AutoTokenizer
+
+    text = AutoTokenizer.from_pretrained(str(bundled_model_path())).decode(row["input_ids"])
+    assert text.count("What is the name on record") == text.count("<|im_start|>assistant")
+    assert "record" in text and text.count("\nrecord ") <= 3 * text.count("<|im_start|>assistant")
