@@ -1,6 +1,7 @@
 """Held-out accuracy of a model on the generated tasks, through the mixquant engine.
 
     python -m mixquant.tiny.evaluate [MODEL] [--count 200] [--prefill-precision bf16] [--decode-precision bf16]
+    python -m mixquant.tiny.evaluate MODEL --tasks retrieval --retrieval-questions name_by_id --max-records 2
 
 Greedy, the prompt rendered with the model's chat template as the server renders it; an answer is correct by
 `mixquant fidelity`'s rule (the gold string is in the generated text). MODEL defaults to the bundled mixquant-tiny.
@@ -21,6 +22,15 @@ def length_bucket(tokens: int) -> str:
 
 def prompt_ids(tokenizer, example: tasks.Example) -> list[int]:
     return tokenizer(example.render_prompt(tokenizer), add_special_tokens=False)["input_ids"]
+
+
+def heldout_examples(task_names: list[str], count: int, retrieval_kinds: tuple[str, ...] | None = None,
+                     max_records: int | None = None) -> list[tasks.Example]:
+    """`count` held-out examples of each task; retrieval ones optionally narrowed to some questions or list sizes."""
+    retrieval = {"kinds": retrieval_kinds} if retrieval_kinds else {}
+    if max_records:
+        retrieval["max_records"] = max_records
+    return [e for task in task_names for e in tasks.heldout(task, count, **(retrieval if task == "retrieval" else {}))]
 
 
 def evaluate(llm, examples: list[tasks.Example], max_tokens: int = 160) -> dict:
@@ -55,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-precision", default="bf16")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", help="write the result as JSON here too")
+    parser.add_argument("--retrieval-questions", metavar="KIND,...",
+                        help=f"ask only these retrieval questions (of {', '.join(tasks.QUESTION_KINDS)})")
+    parser.add_argument("--max-records", type=int, help="retrieval lists of at most this many records")
     args = parser.parse_args(argv)
-    examples = [e for task in args.tasks.split(",") for e in tasks.heldout(task, args.count)]
+    kinds = tuple(args.retrieval_questions.split(",")) if args.retrieval_questions else None
+    if kinds and (unknown := set(kinds) - set(tasks.QUESTION_KINDS)):
+        parser.error(f"unknown retrieval questions {sorted(unknown)}; they are {', '.join(tasks.QUESTION_KINDS)}")
+    examples = heldout_examples(args.tasks.split(","), args.count, kinds, args.max_records)
     llm = LLM(args.model, prefill_precision=args.prefill_precision, decode_precision=args.decode_precision,
               device=args.device)
     result = evaluate(llm, examples)

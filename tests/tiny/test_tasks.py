@@ -227,3 +227,15 @@ def test_an_experiment_trains_on_one_task_and_question_kind():
     text = AutoTokenizer.from_pretrained(str(bundled_model_path())).decode(row["input_ids"])
     assert text.count("What is the name on record") == text.count("<|im_start|>assistant")
     assert "record" in text and text.count("\nrecord ") <= 3 * text.count("<|im_start|>assistant")
+
+
+def test_heldout_retrieval_can_be_narrowed_to_one_question_and_short_lists():
+    from mixquant.tiny.evaluate import heldout_examples, main
+
+    examples = heldout_examples(["retrieval", "arithmetic"], 6, ("name_by_id",), 2)
+    retrieval = [e for e in examples if e.task == "retrieval"]
+    assert len(retrieval) == 6 and len(examples) == 12
+    assert all(e.meta["records"] == 2 and "What is the name on record" in e.messages[1]["content"] for e in retrieval)
+    assert heldout_examples(["retrieval"], 6) == tasks.heldout("retrieval", 6)  # the held-out set, unnarrowed
+    with pytest.raises(SystemExit):
+        main(["--retrieval-questions", "age_by_id"])
