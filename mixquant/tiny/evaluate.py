@@ -56,6 +56,7 @@ def evaluate(llm, examples: list[tasks.Example], max_tokens: int = 160) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from mixquant import LLM
+    from mixquant.tiny.train import question_kinds
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=str(bundled_model_path()))
@@ -65,14 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-precision", default="bf16")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", help="write the result as JSON here too")
-    parser.add_argument("--retrieval-questions", metavar="KIND,...",
+    parser.add_argument("--retrieval-questions", type=question_kinds, metavar="KIND,...",
                         help=f"ask only these retrieval questions (of {', '.join(tasks.QUESTION_KINDS)})")
     parser.add_argument("--max-records", type=int, help="retrieval lists of at most this many records")
     args = parser.parse_args(argv)
-    kinds = tuple(args.retrieval_questions.split(",")) if args.retrieval_questions else None
-    if kinds and (unknown := set(kinds) - set(tasks.QUESTION_KINDS)):
-        parser.error(f"unknown retrieval questions {sorted(unknown)}; they are {', '.join(tasks.QUESTION_KINDS)}")
-    examples = heldout_examples(args.tasks.split(","), args.count, kinds, args.max_records)
+    examples = heldout_examples(args.tasks.split(","), args.count, args.retrieval_questions, args.max_records)
     llm = LLM(args.model, prefill_precision=args.prefill_precision, decode_precision=args.decode_precision,
               device=args.device)
     result = evaluate(llm, examples)
