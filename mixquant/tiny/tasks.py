@@ -89,8 +89,13 @@ def make_records(rng: random.Random, count: int) -> list[Record]:
 
 # What a retrieval question asks. Held-out sets ask QUESTION_KINDS; training may add "lines_by_id" (quote 1 to 8
 # whole records), which only exercises the copy that the other answers are made of, with every answer token a
-# lookup: a one-line answer carries ~15 loss tokens for a prompt of up to 4k, several lines carry up to ~200.
+# lookup: a one-line answer carries ~15 loss tokens for a prompt of up to 4k, several lines carry up to ~200; and
+# "all_lines" (repeat the list, or its first COPY_LINES records), a plain copy in which each token follows its
+# twin in the prompt: the task on which small models grow induction heads, which the lookups of names are made of
+# and which answer-only training never grew (docs/tiny-model.md).
 QUESTION_KINDS = ("value_by_id", "name_by_id", "city_by_name", "several")
+TRAINING_QUESTION_KINDS = ("lines_by_id", "all_lines")
+COPY_LINES = 16
 
 
 def record_question(rng: random.Random, records: list[Record],
@@ -100,6 +105,10 @@ def record_question(rng: random.Random, records: list[Record],
     it as in the list (a copy), where an answer that names the field first needs a lookup back to its key."""
     kind = rng.choice(kinds)
     r = rng.choice(records)
+    if kind == "all_lines":
+        shown = records[:COPY_LINES]
+        what = "the records" if len(shown) == len(records) else f"the first {len(shown)} records"
+        return f"Repeat {what} as listed.", "\n".join(f"R{c.line()[1:]}." for c in shown)
     if kind == "lines_by_id":
         chosen = rng.sample(records, min(len(records), rng.randint(1, 8)))
         return f"Show {listed(chosen)} as listed.", "\n".join(f"R{c.line()[1:]}." for c in chosen)

@@ -75,17 +75,23 @@ def test_whole_line_questions_are_for_training_only():
     from mixquant.tiny.train import TRAIN_QUESTION_KINDS
 
     assert not any("as listed" in e.messages[1]["content"] for e in tasks.heldout("retrieval", 60))
-    quotes = [tasks.generate("retrieval", tasks.TRAIN_SEED_BASE + s, kinds=TRAIN_QUESTION_KINDS) for s in range(30)]
-    quotes = [e for e in quotes if "as listed" in e.messages[1]["content"]]
-    assert 3 <= len(quotes) <= 20  # about a third
-    counts = set()
+    examples = [tasks.generate("retrieval", tasks.TRAIN_SEED_BASE + s, kinds=TRAIN_QUESTION_KINDS) for s in range(40)]
+    quotes = [e for e in examples if "as listed" in e.messages[1]["content"]]
+    assert 8 <= len(quotes) <= 30  # three in seven
+    counts, repeats = set(), 0
     for e in quotes:
         prompt = e.messages[1]["content"]
+        lines = [r for r in prompt.splitlines() if r.startswith("record ")]
+        if "Repeat the" in prompt:  # the list itself, or its first 16 lines
+            repeats += 1
+            assert e.answer.splitlines() == ["R" + line[1:] + "." for line in lines[:tasks.COPY_LINES]]
+            assert ("first 16" in prompt) == (len(lines) > tasks.COPY_LINES)
+            continue
         asked = prompt.split("Show record")[1].split(" as listed")[0].lstrip("s ").replace(" and", ",").split(", ")
-        lines = {r.split(":")[0].split()[1]: r for r in prompt.splitlines() if r.startswith("record ")}
-        assert e.answer.splitlines() == ["R" + lines[i][1:] + "." for i in asked]
+        by_id = {line.split(":")[0].split()[1]: line for line in lines}
+        assert e.answer.splitlines() == ["R" + by_id[i][1:] + "." for i in asked]
         counts.add(len(asked))
-    assert 1 in counts and max(counts) > 3
+    assert 1 in counts and max(counts) > 3 and 0 < repeats < len(quotes)
 
 
 def test_short_record_lists_for_the_training_curriculum():
