@@ -92,7 +92,7 @@ def make_records(rng: random.Random, count: int) -> list[Record]:
 # lookup: a one-line answer carries ~15 loss tokens for a prompt of up to 4k, several lines carry up to ~200; and
 # "all_lines" (repeat the list, or its first COPY_LINES records), a plain copy in which each token follows its
 # twin in the prompt: the task on which small models grow induction heads, which the lookups of names are made of
-# and which answer-only training never grew (docs/tiny-model.md).
+# and which answer-only training grew twice as slowly (docs/tiny-model.md).
 QUESTION_KINDS = ("value_by_id", "name_by_id", "city_by_name", "several")
 TRAINING_QUESTION_KINDS = ("lines_by_id", "all_lines")
 COPY_LINES = 16

@@ -38,8 +38,8 @@ TRAIN_MIX = {"retrieval": 0.4, "arithmetic": 0.25, "tool_use": 0.05, "multi_turn
 SHORT_RETRIEVAL = {"fraction": 0.5, "max_records": (1, 2, 4, 8, 16, 48)}
 # Three in seven retrieval questions in training ask for whole record lines: after phase 4 the model copied the
 # value after an id but not the fields after it (docs/tiny-model.md), and a whole-line quote is all copy; two in
-# seven repeat the list itself, which on the CPU taught a small model to pick a name's line where answer-only
-# training had not begun to (docs/tiny-model.md).
+# seven repeat the list itself, with which a small model on the CPU learned to pick a name's line in half the steps
+# answer-only training took (docs/tiny-model.md).
 TRAIN_QUESTION_KINDS = tasks.QUESTION_KINDS + ("lines_by_id", "all_lines", "all_lines")
 
 
