@@ -19,7 +19,7 @@ from multiprocessing import Pool
 import torch
 
 from mixquant.tiny import bundled_model_path, tasks
-from mixquant.tiny.train import encode
+from mixquant.tiny.train import PackedStream, encode, forward
 
 ROWS, ROW_LEN, POOL_CHUNKS, CHUNK = 16, 384, 10, 2000
 QUESTIONS = {"answers": ("name_by_id",), "copy": ("name_by_id", "all_lines")}
@@ -46,27 +46,19 @@ def example_pools(kinds: tuple[str, ...], records: int) -> dict[str, list]:
     return {kind: [x for job, chunk in zip(jobs, chunks) if job[2] == kind for x in chunk] for kind in kinds}
 
 
-def packed_batch(rng: random.Random, pools: dict[str, list], pad_id: int):
-    """ROWS rows of whole examples (kinds drawn evenly), each attending only within itself."""
-    ids = torch.full((ROWS, ROW_LEN), pad_id)
-    targets = torch.full((ROWS, ROW_LEN), -100)
-    positions = torch.zeros((ROWS, ROW_LEN), dtype=torch.long)
-    documents = torch.full((ROWS, ROW_LEN), -1)
-    kinds = list(pools)
-    for row in range(ROWS):
-        offset, doc = 0, 0
+def packed_batch(rng: random.Random, pools: dict[str, list], pad_id: int) -> dict[str, torch.Tensor]:
+    """ROWS rows of whole examples (kinds drawn evenly), packed as train.py packs them."""
+    kinds, rows = list(pools), []
+    for _ in range(ROWS):
+        row, used = [], 0
         while True:
             x, start = rng.choice(pools[rng.choice(kinds)])
-            if offset + len(x) > ROW_LEN:
+            if used + len(x) > ROW_LEN:
                 break
-            t = torch.tensor(x)
-            ids[row, offset:offset + len(x)] = t
-            positions[row, offset:offset + len(x)] = torch.arange(len(x))
-            documents[row, offset:offset + len(x)] = doc
-            targets[row, offset + start - 1:offset + len(x) - 1] = t[start:]
-            offset, doc = offset + len(x), doc + 1
-    causal = torch.ones(ROW_LEN, ROW_LEN, dtype=torch.bool).tril()
-    return ids, targets, positions, ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
+            row.append((x, start, tasks.TASKS.index("retrieval")))
+            used += len(x)
+        rows.append(PackedStream.pack(row, pad_id, ROW_LEN))
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def name_accuracy(model, tok, heldout: list[tuple[list[int], int]]) -> dict[str, float]:
@@ -110,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         lr = args.lr * min(1, step / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ids, targets, positions, mask = packed_batch(rng, pools, tok.pad_token_id)
-        logits = model(input_ids=ids, position_ids=positions, attention_mask=mask).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        batch = packed_batch(rng, pools, tok.pad_token_id)
+        logits = forward(model, batch, dense_mask=True)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -94,7 +94,7 @@ def make_records(rng: random.Random, count: int) -> list[Record]:
 # twin in the prompt: the task on which small models grow induction heads, which the lookups of names are made of
 # and which answer-only training grew twice as slowly (docs/tiny-model.md).
 QUESTION_KINDS = ("value_by_id", "name_by_id", "city_by_name", "several")
-TRAINING_QUESTION_KINDS = ("lines_by_id", "all_lines")
+TRAINING_ONLY_KINDS = ("lines_by_id", "all_lines")
 COPY_LINES = 16
 
 

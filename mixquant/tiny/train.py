@@ -108,12 +108,12 @@ class PackedStream(IterableDataset):
             row.append((ids, start, task))
 
     @staticmethod
-    def pack(row, pad_id: int) -> dict[str, torch.Tensor]:
-        input_ids = torch.full((SEQ_LEN,), pad_id, dtype=torch.long)
-        targets = torch.full((SEQ_LEN,), -100, dtype=torch.long)
-        positions = torch.zeros(SEQ_LEN, dtype=torch.long)
-        documents = torch.full((SEQ_LEN,), len(row), dtype=torch.long)  # padding is its own document
-        task_of_target = torch.full((SEQ_LEN,), -1, dtype=torch.long)
+    def pack(row, pad_id: int, length: int = SEQ_LEN) -> dict[str, torch.Tensor]:
+        input_ids = torch.full((length,), pad_id, dtype=torch.long)
+        targets = torch.full((length,), -100, dtype=torch.long)
+        positions = torch.zeros(length, dtype=torch.long)
+        documents = torch.full((length,), len(row), dtype=torch.long)  # padding is its own document
+        task_of_target = torch.full((length,), -1, dtype=torch.long)
         offset = 0
         for doc, (ids, start, task) in enumerate(row):
             n = len(ids)
@@ -202,7 +202,7 @@ def task_mix(text: str) -> dict[str, float]:
 
 
 def question_kinds(text: str) -> tuple[str, ...]:
-    known = tasks.QUESTION_KINDS + tasks.TRAINING_QUESTION_KINDS
+    known = tasks.QUESTION_KINDS + tasks.TRAINING_ONLY_KINDS
     kinds = tuple(text.split(","))
     for kind in kinds:
         if kind not in known:

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from mixquant.tiny import copy_experiment, tasks
-from mixquant.tiny.train import encode
+from mixquant.tiny.train import document_mask, encode
 
 
 class Oracle(torch.nn.Module):
@@ -32,7 +32,9 @@ def test_name_accuracy_scores_the_two_name_tokens():
 def test_packed_batches_score_answers_of_both_kinds():
     tok = copy_experiment.tokenizer()
     pools = {kind: copy_experiment.encode_chunk((0, 8, kind, 2)) for kind in copy_experiment.QUESTIONS["copy"]}
-    ids, targets, positions, mask = copy_experiment.packed_batch(random.Random(0), pools, tok.pad_token_id)
+    batch = copy_experiment.packed_batch(random.Random(0), pools, tok.pad_token_id)
+    ids, targets, positions = batch["input_ids"], batch["targets"], batch["positions"]
+    mask = document_mask(batch["documents"], dense=True)
     scored = targets != -100
     assert torch.equal(ids[:, 1:][scored[:, :-1]], targets[:, :-1][scored[:, :-1]])  # next-token targets
     text = tok.decode(ids[0])
