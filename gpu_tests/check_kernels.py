@@ -7,17 +7,20 @@
    - one CUDA graph of it at B=8, replayed with new context_lens / block_tables contents, against eager;
    - per_token_quant_fp8 bit-identical to fp8.quantize_rowwise (bytes and scales), plus zero, NaN, tiny and
      huge rows and the chunked path for rows longer than 16384;
-   - silu_and_mul_quant_fp8 against quantize_rowwise of the engine's unfused (compiled) silu_and_mul.
+   - silu_and_mul_quant_fp8 against quantize_rowwise of the engine's unfused (compiled) silu_and_mul;
+   - the fused QK-norm + RoPE pass (norm_and_rotate, compiled) bit-identical to its eager ops, on q/k views of a
+     fused qkv output as in the engine.
 2. Timings (triton.testing.do_bench medians of CUDA-graph replays, inputs rotated past L2): paged decode against
    the SDPA-gather path it replaces (TorchAttentionBackend._decode) and a device-to-device copy;
    per_token_quant_fp8 against eager quantize_rowwise; silu_and_mul_quant_fp8 against silu_and_mul followed by
-   per_token_quant_fp8, and silu_and_mul alone; a small sweep of launch shapes for tuning.
+   per_token_quant_fp8, and silu_and_mul alone; norm_and_rotate against the passes it replaced (the two compiled
+   norms, the eager cos/sin gather, the compiled rotation); a small sweep of launch shapes for tuning.
 3. fp8_prefill_attention (causal, Qwen3-8B heads): against BF16 SDPA (causal, enable_gqa) at 4k and 32k tokens,
    against float64 on sampled rows and against its PyTorch emulation at 4k; needle retrieval at 32k and 131072
    tokens (one key made to match one query: that query's output must be the key's value, as with SDPA); then
    do_bench medians against SDPA at 4k-128k in TFLOP/s, and a sweep of tile shapes at 32k. About a minute.
 
-Usage: PYTHONPATH=. python3 gpu_tests/check_kernels.py [--only fp8-prefill|gated-quant] [--fp8-tile 128x128x8x3]
+Usage: PYTHONPATH=. python3 gpu_tests/check_kernels.py [--only fp8-prefill|gated-quant|norm-rope] [--fp8-tile 128x128x8x3]
 (writes $OUT/kernels.json when OUT is set; exit 1 on a failed check; --fp8-tile: the launch shape of section 3)
 """
 from __future__ import annotations
@@ -40,6 +43,10 @@ from mixquant.kernels.fp8_attention import (PrefillConfig, fp8_attention_referen
 from mixquant.kernels.paged_attention import DecodeConfig, default_num_splits, paged_decode_attention
 from mixquant.kernels.quant import per_token_quant_fp8, silu_and_mul_quant_fp8
 from mixquant.layers.activation import silu_and_mul
+from mixquant.layers.layernorm import rms_norm
+from mixquant.layers.rotary_embedding import _apply as rotate_half
+from mixquant.layers.rotary_embedding import norm_and_rotate
+from mixquant.utils.compile import fused_on_gpu
 from mixquant.quantization.fp8 import quantize_rowwise
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # Qwen3-8B attention, the engine's block size
@@ -241,6 +248,45 @@ def check_gated_quant(cases=GATED_CASES) -> list[dict]:
     return results
 
 
+def qkv_views(tokens: int, seed: int, max_position: int = 131072):
+    """q, k views into one fused qkv projection output (strided, as project_qkv hands them on), norm weights, tables."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, generator=g, device=DEV, dtype=torch.bfloat16)
+    q, k, _ = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
+    weights = [1 + 0.1 * torch.randn(HEAD_DIM, generator=g, device=DEV, dtype=torch.bfloat16) for _ in range(2)]
+    angles = torch.outer(torch.arange(max_position, device=DEV, dtype=torch.float),
+                         1e6 ** -(torch.arange(0, HEAD_DIM, 2, device=DEV, dtype=torch.float) / HEAD_DIM)).repeat(1, 2)
+    positions = torch.randint(0, max_position, (tokens,), generator=g, device=DEV)
+    return (q.view(tokens, HEADS, HEAD_DIM), k.view(tokens, KV_HEADS, HEAD_DIM), *weights, 1e-6, angles.cos(),
+            angles.sin(), positions)
+
+
+def unfused_norm_rope(q, k, q_weight, k_weight, eps, cos, sin, positions):
+    """The passes the engine made before norm_and_rotate: two compiled norms, an eager gather, a compiled rotation."""
+    q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    return rotate_gathered(q, k, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
+
+
+@fused_on_gpu
+def rotate_gathered(q, k, cos, sin):
+    return rotate_half(q, cos, sin), rotate_half(k, cos, sin)
+
+
+def check_norm_rope(token_counts=(1, 7, 2048, 8192)) -> list[dict]:
+    results = []
+    for i, tokens in enumerate(token_counts):
+        args = qkv_views(tokens, 3000 + i)
+        fused = norm_and_rotate(*args)
+        eager = norm_and_rotate.__wrapped__(*args)
+        unfused = unfused_norm_rope(*args)
+        same = all(torch.equal(a, b) for a, b in zip(fused, eager))
+        same_unfused = all(torch.equal(a, b) for a, b in zip(fused, unfused))
+        results.append(dict(tokens=tokens, identical_to_eager=same, identical_to_unfused=same_unfused, ok=same))
+        print(f"norm + rope T={tokens}: fused {'==' if same else '!='} eager, "
+              f"{'==' if same_unfused else '!='} the unfused passes {'ok' if same else 'FAIL'}", flush=True)
+    return results
+
+
 # ---- timings ---------------------------------------------------------------------------------------------------
 
 
@@ -342,6 +388,22 @@ def bench_gated_quant(ms=(2048, 8192), k: int = 12288) -> list[dict]:
               f"quant {unfused:.4f} ms ({unfused / fused[best]:.2f}x), silu_and_mul alone {silu_only:.4f} ms "
               f"({m * k * 6 / silu_only / 1e6:.0f} GB/s)", flush=True)
         del xs
+    return results
+
+
+def bench_norm_rope(token_counts=(2048, 8192)) -> list[dict]:
+    """One layer's QK-norm + RoPE at Qwen3-8B shapes: the fused pass against the four it replaced."""
+    results = []
+    for tokens in token_counts:
+        sets = [qkv_views(tokens, 3100 + i) for i in range(math.ceil(ROTATE_BYTES / (tokens * 6144 * 2)))]
+        fused = per_call_ms([partial(norm_and_rotate, *args) for args in sets])
+        unfused = per_call_ms([partial(unfused_norm_rope, *args) for args in sets])
+        nbytes = 2 * tokens * (HEADS + KV_HEADS) * HEAD_DIM * 2  # q and k read and written once, bf16
+        results.append(dict(tokens=tokens, fused_ms=fused, fused_gbps=nbytes / fused / 1e6, unfused_ms=unfused,
+                            speedup=unfused / fused))
+        print(f"norm + rope T={tokens}: fused {fused * 1e3:.1f} us ({nbytes / fused / 1e6:.0f} GB/s), unfused "
+              f"{unfused * 1e3:.1f} us ({unfused / fused:.2f}x)", flush=True)
+        del sets
     return results
 
 
@@ -528,7 +590,7 @@ def parse_tile(text: str) -> PrefillConfig:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="GPU checks and timings of mixquant.kernels")
-    parser.add_argument("--only", choices=["fp8-prefill", "gated-quant"], help="run one section only")
+    parser.add_argument("--only", choices=["fp8-prefill", "gated-quant", "norm-rope"], help="run one section only")
     parser.add_argument("--fp8-tile", type=parse_tile, default=PrefillConfig(), metavar="MxNxWARPSxSTAGES",
                         help="the fp8 prefill launch shape its checks and timings use (default: PrefillConfig())")
     args = parser.parse_args()
@@ -539,6 +601,10 @@ def main() -> int:
         report["gated_quant_checks"] = check_gated_quant()
         report["gated_quant_timings"] = bench_gated_quant()
         checks += report["gated_quant_checks"]
+    if args.only in (None, "norm-rope"):
+        report["norm_rope_checks"] = check_norm_rope()
+        report["norm_rope_timings"] = bench_norm_rope()
+        checks += report["norm_rope_checks"]
     if args.only is None:
         report["attention_checks"] = check_attention()
         report["graph_check"] = check_graph()

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from mixquant.layers.layernorm import RMSNorm, rms_norm
 from mixquant.utils.compile import fused_on_gpu
 
 
@@ -30,14 +31,29 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos() * attention_scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * attention_scaling, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [rows, heads, head_dim], k: [rows, kv_heads, head_dim]; rotate-half layout, as Hugging Face models."""
-        return apply_rotary(q, k, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
+        """q: [rows, heads, head_dim], k: [rows, kv_heads, head_dim]; rotate-half layout, as Hugging Face models.
+
+        With Qwen3's per-head QK-norm, pass its two norms: they run in the same fused pass as the rotation (one
+        read and one write of q and k instead of three, and no per-layer gather of the cos/sin rows)."""
+        if q_norm is None:
+            return apply_rotary(q, k, self.cos, self.sin, positions)
+        return norm_and_rotate(q, k, q_norm.weight, k_norm.weight, q_norm.eps, self.cos, self.sin, positions)
 
 
 @fused_on_gpu
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                 positions: torch.Tensor):
+    cos, sin = cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
     return _apply(q, cos, sin), _apply(k, cos, sin)
+
+
+@fused_on_gpu
+def norm_and_rotate(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                    cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor):
+    q, k = rms_norm.__wrapped__(q, q_weight, eps), rms_norm.__wrapped__(k, k_weight, eps)
+    return apply_rotary.__wrapped__(q, k, cos_table, sin_table, positions)
 
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
