@@ -8,8 +8,8 @@
    - per_token_quant_fp8 bit-identical to fp8.quantize_rowwise (bytes and scales), plus zero, NaN, tiny and
      huge rows and the chunked path for rows longer than 16384;
    - silu_and_mul_quant_fp8 against quantize_rowwise of the engine's unfused (compiled) silu_and_mul;
-   - the fused QK-norm + RoPE pass (norm_and_rotate, compiled) bit-identical to its eager ops, on q/k views of a
-     fused qkv output as in the engine.
+   - the fused QK-norm + RoPE pass (norm_and_rotate, compiled) bit-identical to the compiled passes it replaced and
+     within bf16 rounding of its eager ops, on q/k views of a fused qkv output as in the engine.
 2. Timings (triton.testing.do_bench medians of CUDA-graph replays, inputs rotated past L2): paged decode against
    the SDPA-gather path it replaces (TorchAttentionBackend._decode) and a device-to-device copy;
    per_token_quant_fp8 against eager quantize_rowwise; silu_and_mul_quant_fp8 against silu_and_mul followed by
@@ -273,17 +273,22 @@ def rotate_gathered(q, k, cos, sin):
 
 
 def check_norm_rope(token_counts=(1, 7, 2048, 8192)) -> list[dict]:
+    """Bit-identical to the passes it replaced (what the engine computed before); against eager within rounding.
+
+    On the H200 the compiled passes, fused or not, differ from eager in some rows at 2048 tokens and more (likely
+    the order in which a compiled norm sums its squares) and equal it at 1 and 7 tokens."""
     results = []
     for i, tokens in enumerate(token_counts):
         args = qkv_views(tokens, 3000 + i)
         fused = norm_and_rotate(*args)
         eager = norm_and_rotate.__wrapped__(*args)
         unfused = unfused_norm_rope(*args)
-        same = all(torch.equal(a, b) for a, b in zip(fused, eager))
         same_unfused = all(torch.equal(a, b) for a, b in zip(fused, unfused))
-        results.append(dict(tokens=tokens, identical_to_eager=same, identical_to_unfused=same_unfused, ok=same))
-        print(f"norm + rope T={tokens}: fused {'==' if same else '!='} eager, "
-              f"{'==' if same_unfused else '!='} the unfused passes {'ok' if same else 'FAIL'}", flush=True)
+        eager_err = max(rel_err(a, b) for a, b in zip(fused, eager))
+        ok = same_unfused and eager_err < 2 ** -8
+        results.append(dict(tokens=tokens, identical_to_unfused=same_unfused, rel_err_vs_eager=eager_err, ok=ok))
+        print(f"norm + rope T={tokens}: fused {'==' if same_unfused else '!='} the unfused passes, rel. err "
+              f"{eager_err:.1e} against eager {'ok' if ok else 'FAIL'}", flush=True)
     return results
 
 
