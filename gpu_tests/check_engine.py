@@ -6,7 +6,7 @@
    it runs, no NaNs, which kernels ran, first-token logits against bf16/bf16, rough step times (eager; these
    are not benchmarks — `mixquant bench` is).
 
-Usage: PYTHONPATH=. python gpu_tests/check_engine.py --out $OUT
+Usage: PYTHONPATH=. python gpu_tests/check_engine.py --out $OUT [--graphs-only | --reference-only]
 """
 from __future__ import annotations
 
@@ -190,6 +190,7 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--graphs-only", action="store_true", help="only prefill graphs against eager")
+    parser.add_argument("--reference-only", action="store_true", help="only the logits against transformers")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,6 +199,11 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             rows = check_prefill_graphs(Path(tmp))
         return 0 if all(r["prefill_graphs"] and r["first_logprob_max_diff"] < 0.05 for r in rows) else 1
+    if args.reference_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            ref = check_against_transformers(Path(tmp), args.cut_layers)
+        print("transformers check:", json.dumps(ref), flush=True)
+        return 0 if ref["logits_rel_err"] < 0.02 and ref["top1_agreement"] > 0.95 else 1
     kernels = check_kernels()
     print("kernel check:", json.dumps(kernels), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
