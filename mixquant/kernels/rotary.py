@@ -3,7 +3,9 @@
 Reads x once (a strided view into the fused qkv output is fine), writes the rotated heads once, and gathers each
 token's cos/sin row itself. The rounding follows the eager ops in `mixquant.layers.rotary_embedding` step by step:
 the norm in float32, rounded to x's dtype before and after the weight; the table rows rounded to x's dtype; each
-product and the sum rounded to it, as PyTorch rounds every 16-bit op. torch.compile fused the same chain at
+product and the sum rounded to it, as PyTorch rounds every 16-bit op. FP fusion is off for it: otherwise the
+compiler turns a rounded product and the sum after it into one bf16 FMA (fma.rn.bf16x2, one rounding instead of
+two), which on an H200 left a quarter of the outputs a step or two from eager's. torch.compile fused the same chain at
 570-600 GB/s on an H200 (docs/benchmarks.md), a seventh of the copy rate.
 """
 from __future__ import annotations
@@ -66,5 +68,5 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos_tabl
         x, x if weight is None else weight, out, cos_table, sin_table, positions, eps,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos_table.stride(0),
         HEADS=heads, HEADS_POW2=triton.next_power_of_2(heads), HALF=head_dim // 2, NORM=weight is not None,
-        num_warps=4)
+        num_warps=4, enable_fp_fusion=False)
     return out
