@@ -1,11 +1,13 @@
 """A CPU experiment: does a plain copy task teach a small model to pick a name's line? (docs/tiny-model.md)
 
-    python -m mixquant.tiny.copy_experiment --arm answers|copy [--steps 2000] [--records 2]
+    python -m mixquant.tiny.copy_experiment --arm answers|copy [--steps 2000] [--records 2 | --records 2:1250,8:2250]
 
 A 4-layer, 128-wide Qwen3 model trained from scratch on name-by-id questions over lists of `--records` records,
 alone (`answers`) or mixed half and half with "Repeat the records as listed." (`copy`); loss on the answers only,
-as in train.py. Every 250 steps it prints the teacher-forced accuracy on the first-name and last-name tokens of 200
-held-out answers. A model that copies a name from a random one of two lines scores 0.5 on each.
+as in train.py. `--records` may be a curriculum, list sizes with the steps each is trained for, in order (the
+steps then add up to the run's length; one cosine schedule spans them). Every 250 steps it prints the
+teacher-forced accuracy on the first-name and last-name tokens of 200 held-out answers for each list size of the
+run. A model that copies a name from a random one of two lines scores 0.5 on each.
 """
 from __future__ import annotations
 
@@ -77,20 +79,36 @@ def name_accuracy(model, tok, heldout: list[tuple[list[int], int]]) -> dict[str,
     return {"first": first / n, "last": last / n, "both": both / n, "last|first": both / max(first, 1)}
 
 
+def curriculum(text: str) -> list[tuple[int, int | None]]:
+    """'2' -> [(2, None)] (every step); '2:1250,8:2250' -> [(2, 1250), (8, 2250)]."""
+    stages = []
+    for part in text.split(","):
+        records, _, steps = part.partition(":")
+        stages.append((int(records), int(steps) if steps else None))
+    if len(stages) > 1 and any(steps is None for _, steps in stages):
+        raise argparse.ArgumentTypeError(f"give every stage of {text!r} its steps, as in 2:1250,8:2250")
+    if any(records < 1 or (steps is not None and steps < 1) for records, steps in stages):
+        raise argparse.ArgumentTypeError(f"list sizes and steps must be positive in {text!r}")
+    return stages
+
+
 def main(argv: list[str] | None = None) -> int:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arm", choices=sorted(QUESTIONS), required=True)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--records", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2000, help="the run's length, unless --records has stages")
+    parser.add_argument("--records", type=curriculum, default=[(2, None)], metavar="N | N:STEPS,N:STEPS,...")
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args(argv)
+    stages = [(records, steps or args.steps) for records, steps in args.records]
+    total_steps = sum(steps for _, steps in stages)
     torch.manual_seed(0)
     tok = tokenizer()
-    pools = example_pools(QUESTIONS[args.arm], args.records)
-    heldout = [encode(tok, e, False) for e in tasks.heldout("retrieval", 200, max_records=args.records,
-                                                             kinds=("name_by_id",))]
+    stage_pools = [example_pools(QUESTIONS[args.arm], records) for records, _ in stages]
+    heldout = {records: [encode(tok, e, False) for e in tasks.heldout("retrieval", 200, max_records=records,
+                                                                       kinds=("name_by_id",))]
+               for records, _ in stages}
     model = Qwen3ForCausalLM(Qwen3Config(
         vocab_size=1408, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, rope_theta=10000.0,
@@ -98,21 +116,26 @@ def main(argv: list[str] | None = None) -> int:
     model.config._attn_implementation = "sdpa"
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     rng, start = random.Random(0), time.time()
-    for step in range(1, args.steps + 1):
-        lr = args.lr * min(1, step / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+    stage_ends = [sum(steps for _, steps in stages[:i + 1]) for i in range(len(stages))]
+    for step in range(1, total_steps + 1):
+        lr = args.lr * min(1, step / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total_steps)))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = packed_batch(rng, pools, tok.pad_token_id)
+        stage = next(i for i, end in enumerate(stage_ends) if step <= end)
+        batch = packed_batch(rng, stage_pools[stage], tok.pad_token_id)
         logits = forward(model, batch, dense_mask=True)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if step % 250 == 0 or step == args.steps:
-            scores = name_accuracy(model, tok, heldout)
-            print(json.dumps({"arm": args.arm, "step": step, "s": round(time.time() - start), "loss": round(
-                loss.item(), 3), **{k: round(v, 3) for k, v in scores.items()}}), flush=True)
+        if step % 250 == 0 or step == total_steps:
+            scores = {records: name_accuracy(model, tok, examples) for records, examples in heldout.items()}
+            # one size: the keys of the earlier logs (docs/tiny/copy-experiment-*.jsonl); several: one dict each
+            scores = ({k: round(v, 3) for k, v in scores[stages[0][0]].items()} if len(scores) == 1 else
+                      {f"records_{n}": {k: round(v, 3) for k, v in by.items()} for n, by in scores.items()})
+            print(json.dumps({"arm": args.arm, "step": step, "records": stages[stage][0],
+                              "s": round(time.time() - start), "loss": round(loss.item(), 3), **scores}), flush=True)
     return 0
 
 

@@ -1,7 +1,9 @@
 """The copy experiment's metric and batches (the experiment itself runs for half an hour on 2 cores)."""
+import argparse
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from mixquant.tiny import copy_experiment, tasks
@@ -44,3 +46,11 @@ def test_packed_batches_score_answers_of_both_kinds():
     documents = (positions[0, :used] == 0).cumsum(0)
     expected = (documents[:, None] == documents[None, :]) & torch.ones(used, used, dtype=torch.bool).tril()
     assert documents.max() > 1 and torch.equal(mask[0, 0, :used, :used], expected)
+
+
+def test_curriculum_stages_and_their_errors():
+    assert copy_experiment.curriculum("2") == [(2, None)]
+    assert copy_experiment.curriculum("2:1250,4:1000,8:1250") == [(2, 1250), (4, 1000), (8, 1250)]
+    for text, problem in (("2:1250,8", "its steps"), ("0", "positive"), ("2:0", "positive")):
+        with pytest.raises(argparse.ArgumentTypeError, match=problem):
+            copy_experiment.curriculum(text)
