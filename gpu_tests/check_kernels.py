@@ -46,8 +46,8 @@ from mixquant.layers.activation import silu_and_mul
 from mixquant.layers.layernorm import rms_norm
 from mixquant.layers.rotary_embedding import _apply as rotate_half
 from mixquant.layers.rotary_embedding import norm_and_rotate
-from mixquant.utils.compile import fused_on_gpu
 from mixquant.quantization.fp8 import quantize_rowwise
+from mixquant.utils.compile import fused_on_gpu
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # Qwen3-8B attention, the engine's block size
 SCALE = HEAD_DIM ** -0.5
