@@ -6,7 +6,6 @@ from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from mixquant.layers.layernorm import RMSNorm, rms_norm
-from mixquant.utils.compile import fused_on_gpu
 
 
 def rope_inverse_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -35,25 +34,32 @@ class RotaryEmbedding(nn.Module):
                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
         """q: [rows, heads, head_dim], k: [rows, kv_heads, head_dim]; rotate-half layout, as Hugging Face models.
 
-        With Qwen3's per-head QK-norm, pass its two norms: they run in the same fused pass as the rotation (one
-        read and one write of q and k instead of three, and no per-layer gather of the cos/sin rows)."""
+        With Qwen3's per-head QK-norm, pass its two norms: they run in the same pass as the rotation."""
         if q_norm is None:
             return apply_rotary(q, k, self.cos, self.sin, positions)
-        return norm_and_rotate(q, k, q_norm.weight, k_norm.weight, q_norm.eps, self.cos, self.sin, positions)
+        return apply_rotary(q, k, self.cos, self.sin, positions, q_norm.weight, k_norm.weight, q_norm.eps)
 
 
-@fused_on_gpu
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
-                 positions: torch.Tensor):
+                 positions: torch.Tensor, q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                 eps: float = 0.0):
+    """Rotate q and k at `positions`, after the per-head RMSNorm when its weights are given.
+
+    On a GPU, one Triton pass per tensor (one read and one write of it, the table rows gathered inside); on the
+    CPU, the eager ops whose rounding it follows."""
+    if q.is_cuda:
+        from mixquant.kernels.rotary import norm_rope
+
+        return (norm_rope(q, q_weight, eps, cos_table, sin_table, positions),
+                norm_rope(k, k_weight, eps, cos_table, sin_table, positions))
+    return rotate_eager(q, k, cos_table, sin_table, positions, q_weight, k_weight, eps)
+
+
+def rotate_eager(q, k, cos_table, sin_table, positions, q_weight=None, k_weight=None, eps=0.0):
+    if q_weight is not None:
+        q, k = rms_norm.__wrapped__(q, q_weight, eps), rms_norm.__wrapped__(k, k_weight, eps)
     cos, sin = cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
     return _apply(q, cos, sin), _apply(k, cos, sin)
-
-
-@fused_on_gpu
-def norm_and_rotate(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
-                    cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor):
-    q, k = rms_norm.__wrapped__(q, q_weight, eps), rms_norm.__wrapped__(k, k_weight, eps)
-    return apply_rotary.__wrapped__(q, k, cos_table, sin_table, positions)
 
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

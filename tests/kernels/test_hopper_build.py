@@ -22,13 +22,14 @@ from triton.compiler import ASTSource
 from mixquant.kernels.fp8_attention import _LOG2_FP8_MAX, PrefillConfig, _fp8_prefill_kernel, _quantize_blocks_kernel
 from mixquant.kernels.paged_attention import _decode_split_kernel, _merge_kernel
 from mixquant.kernels.quant import _per_token_quant_kernel
+from mixquant.kernels.rotary import _norm_rope_kernel
 from mixquant.quantization.fp8 import _ZERO_ROW_SCALE, FP8_MAX
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
 def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 2,
-                       target: GPUTarget = HOPPER):
+                       target: GPUTarget = HOPPER, fp_fusion: bool = True):
     """(ptx, sass instruction counts, resource usage) of kernel built for sm_90 (or `target`); unlisted parameters
     are i32.
 
@@ -39,7 +40,7 @@ def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warp
     aligned = [n for n in names if n not in constexprs and (signature[n].startswith("*") or n.startswith("stride"))]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs), target=target,
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+                              options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=fp_fusion))
 
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -108,6 +109,19 @@ def test_gated_quant_kernel_builds_without_spills(block_k, whole_row):
     assert "LOCAL:0" in usage, usage
     assert "div.rn.f32" in ptx  # the quantizing division stays IEEE
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+
+
+@pytest.mark.parametrize("heads,norm", [(32, True), (8, True), (6, False)])
+def test_norm_rope_kernel_builds_without_spills(heads, norm):
+    """Qwen3-8B's q and k (32 and 8 heads of 128) and a model without QK-norm; 16-byte loads of the halves; as
+    launched (FP fusion off), no FMA joins a rounded product to the sum after it."""
+    ptx, sass, usage = compile_for_hopper(
+        _norm_rope_kernel, dict(x_ptr="*bf16", weight_ptr="*bf16", out_ptr="*bf16", cos_ptr="*fp32",
+                                sin_ptr="*fp32", positions_ptr="*i64", eps="fp32"),
+        dict(HEADS=heads, HEADS_POW2=triton.next_power_of_2(heads), HALF=64, NORM=norm), fp_fusion=False)
+    assert "LOCAL:0" in usage, usage
+    assert any(op.startswith("LDG.E.128") for op in sass), sorted(sass)
+    assert "fma" not in ptx
 
 
 FP8_ATTENTION_TYPES = dict(q_ptr="*bf16", k8_ptr="*fp8e4nv", vt8_ptr="*fp8e4nv", k_scale_ptr="*fp32",
