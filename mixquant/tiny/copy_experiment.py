@@ -16,12 +16,13 @@ import json
 import math
 import random
 import time
+from functools import partial
 from multiprocessing import Pool
 
 import torch
 
 from mixquant.tiny import bundled_model_path, tasks
-from mixquant.tiny.train import PackedStream, encode, forward
+from mixquant.tiny.train import PackedStream, encode, forward, stages
 
 ROWS, ROW_LEN, POOL_CHUNKS, CHUNK = 16, 384, 10, 2000
 QUESTIONS = {"answers": ("name_by_id",), "copy": ("name_by_id", "all_lines")}
@@ -79,36 +80,24 @@ def name_accuracy(model, tok, heldout: list[tuple[list[int], int]]) -> dict[str,
     return {"first": first / n, "last": last / n, "both": both / n, "last|first": both / max(first, 1)}
 
 
-def curriculum(text: str) -> list[tuple[int, int | None]]:
-    """'2' -> [(2, None)] (every step); '2:1250,8:2250' -> [(2, 1250), (8, 2250)]."""
-    stages = []
-    for part in text.split(","):
-        records, _, steps = part.partition(":")
-        stages.append((int(records), int(steps) if steps else None))
-    if len(stages) > 1 and any(steps is None for _, steps in stages):
-        raise argparse.ArgumentTypeError(f"give every stage of {text!r} its steps, as in 2:1250,8:2250")
-    if any(records < 1 or (steps is not None and steps < 1) for records, steps in stages):
-        raise argparse.ArgumentTypeError(f"list sizes and steps must be positive in {text!r}")
-    return stages
-
-
 def main(argv: list[str] | None = None) -> int:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arm", choices=sorted(QUESTIONS), required=True)
     parser.add_argument("--steps", type=int, default=2000, help="the run's length, unless --records has stages")
-    parser.add_argument("--records", type=curriculum, default=[(2, None)], metavar="N | N:STEPS,N:STEPS,...")
+    parser.add_argument("--records", type=partial(stages, share=int), default=[(2, None)],
+                        metavar="N | N:STEPS,N:STEPS,...")
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args(argv)
-    stages = [(records, steps or args.steps) for records, steps in args.records]
-    total_steps = sum(steps for _, steps in stages)
+    plan = [(records, steps or args.steps) for records, steps in args.records]
+    total_steps = sum(steps for _, steps in plan)
     torch.manual_seed(0)
     tok = tokenizer()
-    stage_pools = [example_pools(QUESTIONS[args.arm], records) for records, _ in stages]
+    stage_pools = [example_pools(QUESTIONS[args.arm], records) for records, _ in plan]
     heldout = {records: [encode(tok, e, False) for e in tasks.heldout("retrieval", 200, max_records=records,
                                                                        kinds=("name_by_id",))]
-               for records, _ in stages}
+               for records, _ in plan}
     model = Qwen3ForCausalLM(Qwen3Config(
         vocab_size=1408, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, rope_theta=10000.0,
@@ -116,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     model.config._attn_implementation = "sdpa"
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     rng, start = random.Random(0), time.time()
-    stage_ends = [sum(steps for _, steps in stages[:i + 1]) for i in range(len(stages))]
+    stage_ends = [sum(steps for _, steps in plan[:i + 1]) for i in range(len(plan))]
     for step in range(1, total_steps + 1):
         lr = args.lr * min(1, step / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total_steps)))
         for group in optimizer.param_groups:
@@ -132,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         if step % 250 == 0 or step == total_steps:
             scores = {records: name_accuracy(model, tok, examples) for records, examples in heldout.items()}
             # one size: the keys of the earlier logs (docs/tiny/copy-experiment-*.jsonl); several: one dict each
-            scores = ({k: round(v, 3) for k, v in scores[stages[0][0]].items()} if len(scores) == 1 else
+            scores = ({k: round(v, 3) for k, v in scores[plan[0][0]].items()} if len(scores) == 1 else
                       {f"records_{n}": {k: round(v, 3) for k, v in by.items()} for n, by in scores.items()})
-            print(json.dumps({"arm": args.arm, "step": step, "records": stages[stage][0],
+            print(json.dumps({"arm": args.arm, "step": step, "records": plan[stage][0],
                               "s": round(time.time() - start), "loss": round(loss.item(), 3), **scores}), flush=True)
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import random
 import time
 from pathlib import Path
@@ -74,7 +75,9 @@ class PackedStream(IterableDataset):
     def __init__(self, tokenizer_dir: str, seed: int, mix: dict[str, float] | None = None,
                  retrieval_kinds: tuple[str, ...] = TRAIN_QUESTION_KINDS, max_records: int | None = None):
         self.tokenizer_dir, self.seed = tokenizer_dir, seed
-        self.mix, self.retrieval_kinds, self.max_records = mix or TRAIN_MIX, retrieval_kinds, max_records
+        self.mix, self.retrieval_kinds = mix or TRAIN_MIX, retrieval_kinds
+        # shared with the loader's worker processes, so a curriculum can raise the cap as training goes (0: none)
+        self.record_cap = multiprocessing.RawValue("i", max_records or 0)
 
     def __iter__(self):
         from transformers import AutoTokenizer
@@ -93,8 +96,8 @@ class PackedStream(IterableDataset):
                 sizes["kinds"] = self.retrieval_kinds
                 if rng.random() < SHORT_RETRIEVAL["fraction"]:
                     sizes["max_records"] = rng.choice(SHORT_RETRIEVAL["max_records"])
-                if self.max_records:
-                    sizes["max_records"] = min(sizes.get("max_records", self.max_records), self.max_records)
+                if cap := self.record_cap.value:
+                    sizes["max_records"] = min(sizes.get("max_records", cap), cap)
             seed = tasks.TRAIN_SEED_BASE + (self.seed * 1000 + worker) * (1 << 32) + counter
             example = tasks.generate(tasks.TASKS[task], seed, **sizes)
             counter += 1
@@ -201,6 +204,41 @@ def task_mix(text: str) -> dict[str, float]:
     return mix
 
 
+def stages(text: str, share: type) -> list[tuple[int, int | float | None]]:
+    """`N` or `N:SHARE,N:SHARE,...`: list sizes in order, each with its share of a run (steps or a fraction)."""
+    parsed = []
+    for part in text.split(","):
+        size, _, amount = part.partition(":")
+        try:
+            parsed.append((int(size), share(amount) if amount else None))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected N or N:{share.__name__.upper()}") from None
+    if len(parsed) > 1 and any(amount is None for _, amount in parsed):
+        raise argparse.ArgumentTypeError(f"give every stage of {text!r} its share, as in 2:0.25,8:0.75")
+    if any(size < 1 or (amount is not None and amount <= 0) for size, amount in parsed):
+        raise argparse.ArgumentTypeError(f"list sizes and shares must be positive in {text!r}")
+    return parsed
+
+
+def record_stages(text: str) -> list[tuple[int, float]]:
+    """`--max-records`: one cap for the whole run (`8`), or caps that grow as it goes, each with the fraction of the
+    run it holds for (`2:0.25,4:0.2,8:0.15,16:0.15,190:0.25`); the CPU experiment learned to look a name up only
+    when its lists grew from two records (docs/tiny-model.md)."""
+    parsed = [(size, 1.0 if fraction is None else fraction) for size, fraction in stages(text, float)]
+    if abs(sum(fraction for _, fraction in parsed) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"the fractions of {text!r} must add up to 1")
+    return parsed
+
+
+def record_cap(schedule: list[tuple[int, float]], progress: float) -> int:
+    end = 0.0
+    for size, fraction in schedule:
+        end += fraction
+        if progress < end:
+            return size
+    return schedule[-1][0]
+
+
 def question_kinds(text: str) -> tuple[str, ...]:
     known = tasks.QUESTION_KINDS + tasks.TRAINING_ONLY_KINDS
     kinds = tuple(text.split(","))
@@ -239,7 +277,8 @@ def train(args) -> Path:
     print(f"mixquant-tiny: {params / 1e6:.1f}M parameters, vocab {model.config.vocab_size}", flush=True)
     optimizer = torch.optim.AdamW(parameter_groups(model), lr=args.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
-    stream = PackedStream(args.tokenizer, args.seed, args.mix, args.retrieval_questions, args.max_records)
+    caps = args.max_records or [(0, 1.0)]
+    stream = PackedStream(args.tokenizer, args.seed, args.mix, args.retrieval_questions, caps[0][0])
     loader = DataLoader(stream, batch_size=args.batch_rows,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=8 if args.workers else None, persistent_workers=args.workers > 0)
@@ -253,6 +292,9 @@ def train(args) -> Path:
         progress = max(elapsed / budget, step / args.max_steps if args.max_steps else 0.0)
         if progress >= 1:
             break
+        # the loader's workers have batches made ahead (up to prefetch_factor each): a new cap reaches training
+        # that many batches late
+        stream.record_cap.value = record_cap(caps, progress)
         for group in optimizer.param_groups:
             group["lr"] = (learning_rate(in_schedule(progress, args.schedule), args.lr)
                            * restart_ramp(progress, args.schedule))
@@ -286,6 +328,7 @@ def train(args) -> Path:
             elapsed = time.perf_counter() - start
             record = {"step": step, "elapsed_s": round(elapsed, 1), "tokens": tokens_seen,
                       "tokens_per_s": round(tokens_seen / elapsed), "lr": optimizer.param_groups[0]["lr"],
+                      **({"max_records": stream.record_cap.value} if args.max_records else {}),
                       "loss": {t: round(v, 4) for t, v, any_ in zip(tasks.TASKS, losses, seen) if any_}}
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -359,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrieval-questions", type=question_kinds, default=TRAIN_QUESTION_KINDS,
                         metavar="KIND,...", help="the retrieval questions to train on (default: every kind, "
                         "a third of them whole-line quotes)")
-    parser.add_argument("--max-records", type=int, help="cap every record list at this many records")
+    parser.add_argument("--max-records", type=record_stages, metavar="N | N:FRACTION,...",
+                        help="cap retrieval's record lists at N records, or at caps that grow over the run "
+                        "(e.g. 2:0.25,4:0.2,8:0.15,16:0.15,190:0.25)")
     parser.add_argument("--init-from", help="continue from this checkpoint's weights (a fresh optimizer)")
     parser.add_argument("--kv-heads", type=int, help="KV heads of a model trained from scratch (of 6 query heads; "
                         "default 2, the shipped model's)")

@@ -1,13 +1,14 @@
 """The copy experiment's metric and batches (the experiment itself runs for half an hour on 2 cores)."""
 import argparse
 import random
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from mixquant.tiny import copy_experiment, tasks
-from mixquant.tiny.train import document_mask, encode
+from mixquant.tiny.train import document_mask, encode, stages
 
 
 class Oracle(torch.nn.Module):
@@ -49,8 +50,9 @@ def test_packed_batches_score_answers_of_both_kinds():
 
 
 def test_curriculum_stages_and_their_errors():
-    assert copy_experiment.curriculum("2") == [(2, None)]
-    assert copy_experiment.curriculum("2:1250,4:1000,8:1250") == [(2, 1250), (4, 1000), (8, 1250)]
-    for text, problem in (("2:1250,8", "its steps"), ("0", "positive"), ("2:0", "positive")):
+    curriculum = partial(stages, share=int)
+    assert curriculum("2") == [(2, None)]
+    assert curriculum("2:1250,4:1000,8:1250") == [(2, 1250), (4, 1000), (8, 1250)]
+    for text, problem in (("2:1250,8", "its share"), ("0", "positive"), ("2:0", "positive"), ("2:x", "N:INT")):
         with pytest.raises(argparse.ArgumentTypeError, match=problem):
-            copy_experiment.curriculum(text)
+            curriculum(text)

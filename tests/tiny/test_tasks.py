@@ -235,6 +235,33 @@ def test_an_experiment_trains_on_one_task_and_question_kind():
     assert "record" in text and text.count("\nrecord ") <= 3 * text.count("<|im_start|>assistant")
 
 
+def test_record_lists_grow_over_a_run_as_the_curriculum_says():
+    import argparse
+
+    from mixquant.tiny.train import question_kinds, record_cap, record_stages, task_mix
+
+    assert record_stages("8") == [(8, 1.0)]
+    schedule = record_stages("2:0.25,4:0.25,190:0.5")
+    assert [record_cap(schedule, p) for p in (0, 0.2, 0.25, 0.49, 0.5, 0.99, 1.0)] == [2, 2, 4, 4, 190, 190, 190]
+    for bad, problem in (("2:0.5,4:0.4", "add up to 1"), ("2:0.5,4", "its share"), ("0", "positive"),
+                         ("2:-0.5,4:1.5", "positive"), ("two", "expected N")):
+        with pytest.raises(argparse.ArgumentTypeError, match=problem):
+            record_stages(bad)
+    # the cap is read per example, so a run raises it for the examples made after
+    tok = AutoTokenizer.from_pretrained(str(bundled_model_path()))
+    stream = PackedStream(str(bundled_model_path()), seed=0, mix=task_mix("retrieval=1"),
+                          retrieval_kinds=question_kinds("name_by_id"), max_records=1)
+    rows = iter(stream)
+    most = []
+    for cap in (1, 2, 0):
+        stream.record_cap.value = cap
+        next(rows)  # the row in the making when the cap changed
+        text = tok.decode(next(rows)["input_ids"])
+        lists = [prompt.count("\nrecord ") for prompt in text.split("<|im_start|>user")[1:]]
+        most.append(max(lists))
+    assert most[0] == 1 and most[1] == 2 and most[2] > 2
+
+
 def test_heldout_retrieval_can_be_narrowed_to_one_question_and_short_lists():
     from mixquant.tiny.evaluate import heldout_examples, main
 
