@@ -14,7 +14,8 @@
    the SDPA-gather path it replaces (TorchAttentionBackend._decode) and a device-to-device copy;
    per_token_quant_fp8 against eager quantize_rowwise; silu_and_mul_quant_fp8 against silu_and_mul followed by
    per_token_quant_fp8, and silu_and_mul alone; the QK-norm + RoPE kernel against the same chain compiled
-   into one function, and the four passes before that (two compiled norms, an eager gather, a compiled rotation); a small sweep of launch shapes for tuning.
+   into one function, and the four passes before that (two compiled norms, an eager gather, a compiled rotation);
+   a small sweep of launch shapes for tuning.
 3. fp8_prefill_attention (causal, Qwen3-8B heads): against BF16 SDPA (causal, enable_gqa) at 4k and 32k tokens,
    against float64 on sampled rows and against its PyTorch emulation at 4k; needle retrieval at 32k and 131072
    tokens (one key made to match one query: that query's output must be the key's value, as with SDPA); then
