@@ -17,8 +17,10 @@ import random
 from dataclasses import dataclass, field
 
 TASKS = ("retrieval", "arithmetic", "tool_use", "multi_turn")
-# Evaluation seeds are small integers; training streams start here, so the two never meet.
+# Evaluation seeds are small integers; training streams start here, so the two never meet. Checks made during
+# training (train.py --advance-at) draw from between the two.
 TRAIN_SEED_BASE = 1 << 40
+CHECK_SEED_BASE = 1 << 36
 
 FIRST_NAMES = (
     "Ada Alan Alma Anna Arlo Bea Ben Cara Cleo Dan Dora Eli Ella Emil Eva Finn Gia Gus Hana Hugo Ida Ines Ivan Jade "

@@ -230,13 +230,57 @@ def record_stages(text: str) -> list[tuple[int, float]]:
     return parsed
 
 
-def record_cap(schedule: list[tuple[int, float]], progress: float) -> int:
+def record_stage(schedule: list[tuple[int, float]], progress: float) -> int:
+    """The stage whose share of the run `progress` falls in: the latest a stage can end (--advance-at ends it
+    sooner)."""
     end = 0.0
-    for size, fraction in schedule:
+    for index, (_, fraction) in enumerate(schedule):
         end += fraction
         if progress < end:
-            return size
-    return schedule[-1][0]
+            return index
+    return len(schedule) - 1
+
+
+def name_token_index(tokenizer, answer: list[int]) -> int:
+    """Where the name starts in a name-by-id answer (`Record 4821: value 615, name Mara Olsen.`)."""
+    return max(j for j, t in enumerate(answer) if tokenizer.decode([t]).strip() == "name") + 1
+
+
+def names_check_rows(tokenizer, max_records: int, count: int = 64) -> tuple[list[dict], list[tuple[int, int]]]:
+    """Name-by-id questions over lists of up to `max_records` records, from the checks' own seeds, packed as
+    training packs them; and, per question, its row and the target position of its first name."""
+    rows, row, used, firsts = [], [], 0, []
+    for i in range(count):
+        example = tasks.generate("retrieval", tasks.CHECK_SEED_BASE + i, max_records=max_records,
+                                 kinds=("name_by_id",))
+        ids, start = encode(tokenizer, example, enable_thinking=False)
+        if used + len(ids) > SEQ_LEN:
+            rows.append(row)
+            row, used = [], 0
+        firsts.append((len(rows), used + start - 1 + name_token_index(tokenizer, ids[start:])))
+        row.append((ids, start, tasks.TASKS.index("retrieval")))
+        used += len(ids)
+    rows.append(row)
+    return [PackedStream.pack(r, tokenizer.pad_token_id) for r in rows], firsts
+
+
+def names_right(model, rows: list[dict], firsts: list[tuple[int, int]], rows_per_pass: int = 8) -> float:
+    """Teacher-forced share of the questions whose first and last name tokens are both the model's argmax. Through
+    SDPA with a dense mask, as on the CPU, whatever training uses: a compiled FlexAttention would meet new shapes."""
+    device = next(model.parameters()).device
+    implementation, model.config._attn_implementation = model.config._attn_implementation, "sdpa"
+    predicted, targets = [], []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), rows_per_pass):
+            batch = {k: torch.stack([r[k] for r in rows[i:i + rows_per_pass]]).to(device) for k in rows[0]}
+            predicted.append(forward(model, batch, dense_mask=True).argmax(-1).cpu())
+            targets.append(batch["targets"].cpu())
+    model.train()
+    model.config._attn_implementation = implementation
+    predicted, targets = torch.cat(predicted), torch.cat(targets)
+    right = [bool((predicted[r, p:p + 2] == targets[r, p:p + 2]).all()) for r, p in firsts]
+    return sum(right) / len(right)
 
 
 def question_kinds(text: str) -> tuple[str, ...]:
@@ -278,10 +322,12 @@ def train(args) -> Path:
     optimizer = torch.optim.AdamW(parameter_groups(model), lr=args.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     caps = args.max_records or [(0, 1.0)]
+    stage, checks = 0, {}  # checks: the packed name questions per cap, made once
     stream = PackedStream(args.tokenizer, args.seed, args.mix, args.retrieval_questions, caps[0][0])
+    # each worker makes prefetch_factor batches ahead, so a raised cap reaches training that many steps late
     loader = DataLoader(stream, batch_size=args.batch_rows,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=8 if args.workers else None, persistent_workers=args.workers > 0)
+                        prefetch_factor=4 if args.workers else None, persistent_workers=args.workers > 0)
     budget = args.minutes * 60
     log = (out / "train_log.jsonl").open("w")
     start, step, tokens_seen = time.perf_counter(), 0, 0
@@ -292,9 +338,8 @@ def train(args) -> Path:
         progress = max(elapsed / budget, step / args.max_steps if args.max_steps else 0.0)
         if progress >= 1:
             break
-        # the loader's workers have batches made ahead (up to prefetch_factor each): a new cap reaches training
-        # that many batches late
-        stream.record_cap.value = record_cap(caps, progress)
+        stage = max(stage, record_stage(caps, progress))
+        stream.record_cap.value = caps[stage][0]
         for group in optimizer.param_groups:
             group["lr"] = (learning_rate(in_schedule(progress, args.schedule), args.lr)
                            * restart_ramp(progress, args.schedule))
@@ -322,6 +367,16 @@ def train(args) -> Path:
             window["count"].index_add_(0, task, torch.ones_like(task, dtype=torch.float32))
         step += 1
         tokens_seen += batch["input_ids"].numel()
+        if args.advance_at and stage < len(caps) - 1 and step % args.check_every == 0:
+            cap = caps[stage][0]
+            if cap not in checks:
+                checks[cap] = names_check_rows(tokenizer, cap)
+            names = names_right(model, *checks[cap])
+            record = {"step": step, "tokens": tokens_seen, "check": {"max_records": cap, "names": round(names, 3)}}
+            log.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
+            if names >= args.advance_at:
+                stage += 1
         if step % args.log_every == 0:
             losses = (window["loss"] / window["count"].clamp(min=1)).tolist()
             seen = (window["count"] > 0).tolist()  # a task outside --mix has no loss to log
@@ -368,7 +423,7 @@ def plot_loss(log_files: list[Path], path: Path):
     offset, points = 0, []
     for number, log_file in enumerate(log_files):
         records = [json.loads(line) for line in Path(log_file).read_text().splitlines()]
-        points += [(offset + r["tokens"], r["loss"]) for r in records]
+        points += [(offset + r["tokens"], r["loss"]) for r in records if "loss" in r]  # not the checks
         offset += records[-1]["tokens"] if records else 0  # a run shorter than one log interval logged nothing
         if number < len(log_files) - 1:
             ax.axvline(offset / 1e6, color="gray", linestyle=":", linewidth=1)
@@ -405,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-records", type=record_stages, metavar="N | N:FRACTION,...",
                         help="cap retrieval's record lists at N records, or at caps that grow over the run "
                         "(e.g. 2:0.25,4:0.2,8:0.15,16:0.15,190:0.25)")
+    parser.add_argument("--advance-at", type=float, metavar="ACCURACY",
+                        help="end a --max-records stage early once this share of name-by-id questions at its cap "
+                        "(teacher-forced, both name tokens; seeds of their own) is right, checked every "
+                        "--check-every steps; the stages' fractions are then the latest each may end")
+    parser.add_argument("--check-every", type=int, default=100, help="steps between --advance-at checks")
     parser.add_argument("--init-from", help="continue from this checkpoint's weights (a fresh optimizer)")
     parser.add_argument("--kv-heads", type=int, help="KV heads of a model trained from scratch (of 6 query heads; "
                         "default 2, the shipped model's)")
@@ -413,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.advance_at is not None and not (0 < args.advance_at <= 1 and args.max_records
+                                            and len(args.max_records) > 1):
+        parser.error("--advance-at takes an accuracy in (0, 1] and a --max-records curriculum of two or more stages")
     if args.init_from and args.kv_heads is not None:
         parser.error("--kv-heads shapes a model trained from scratch; --init-from takes the checkpoint's shape")
     train(args)

@@ -238,11 +238,11 @@ def test_an_experiment_trains_on_one_task_and_question_kind():
 def test_record_lists_grow_over_a_run_as_the_curriculum_says():
     import argparse
 
-    from mixquant.tiny.train import question_kinds, record_cap, record_stages, task_mix
+    from mixquant.tiny.train import question_kinds, record_stage, record_stages, task_mix
 
     assert record_stages("8") == [(8, 1.0)]
     schedule = record_stages("2:0.25,4:0.25,190:0.5")
-    assert [record_cap(schedule, p) for p in (0, 0.2, 0.25, 0.49, 0.5, 0.99, 1.0)] == [2, 2, 4, 4, 190, 190, 190]
+    assert [record_stage(schedule, p) for p in (0, 0.2, 0.25, 0.49, 0.5, 0.99, 1.0)] == [0, 0, 1, 1, 2, 2, 2]
     for bad, problem in (("2:0.5,4:0.4", "add up to 1"), ("2:0.5,4", "its share"), ("0", "positive"),
                          ("2:-0.5,4:1.5", "positive"), ("two", "expected N")):
         with pytest.raises(argparse.ArgumentTypeError, match=problem):
@@ -272,3 +272,56 @@ def test_heldout_retrieval_can_be_narrowed_to_one_question_and_short_lists():
     assert heldout_examples(["retrieval"], 6) == tasks.heldout("retrieval", 6)  # the held-out set, unnarrowed
     with pytest.raises(SystemExit):
         main(["--retrieval-questions", "age_by_id"])
+
+
+class NextTokenOracle(torch.nn.Module):
+    """Logits on the token that follows in the row (right on every target) or on the current one (never right)."""
+
+    def __init__(self, right: bool):
+        super().__init__()
+        self.right, self.anchor = right, torch.nn.Parameter(torch.zeros(1))
+        self.config = type("Config", (), {"_attn_implementation": "flex_attention"})()
+
+    def forward(self, input_ids, position_ids, attention_mask):
+        chosen = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], 1) if self.right else input_ids
+        return type("Output", (), {"logits": torch.nn.functional.one_hot(chosen, 1408).float()})
+
+
+def test_the_in_run_names_check_scores_both_name_tokens(tokenizer):
+    from mixquant.tiny.train import names_check_rows, names_right
+
+    rows, firsts = names_check_rows(tokenizer, max_records=4, count=10)
+    assert len(firsts) == 10 and len(rows) == 1  # ten 4-record questions fit one row
+    for row, position in firsts:
+        first, last = (tokenizer.decode([t]) for t in rows[row]["targets"][position:position + 2].tolist())
+        assert first.strip() in tasks.FIRST_NAMES and last.strip() in tasks.LAST_NAMES
+    text = tokenizer.decode(rows[0]["input_ids"])
+    assert text.count("What is the name on record") == 10
+    # seeds of their own: no question of the held-out set
+    assert not {e.messages[1]["content"] for e in tasks.heldout("retrieval", 200, max_records=4,
+                                                                 kinds=("name_by_id",))} & set(text.split("<|im_start|>"))
+    oracles = [NextTokenOracle(right) for right in (True, False)]
+    assert [names_right(oracle, rows, firsts) for oracle in oracles] == [1.0, 0.0]
+    assert oracles[0].config._attn_implementation == "flex_attention"  # training's attention, given back
+
+
+def test_a_curriculum_stage_ends_when_its_check_passes(tmp_path, monkeypatch):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from mixquant.tiny import train
+
+    small = tmp_path / "small"  # one narrow layer: the steps are the test's cost
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=1408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(small)
+    accuracies = iter([1.0, 0.5, 0.5, 0.5])
+    monkeypatch.setattr(train, "names_right", lambda *args: next(accuracies))
+    out = tmp_path / "run"
+    assert train.main(["--output-dir", str(out), "--init-from", str(small), "--max-steps", "5", "--batch-rows", "1",
+                       "--workers", "0", "--device", "cpu", "--log-every", "1", "--mix", "retrieval=1",
+                       "--max-records", "1:0.4,2:0.4,3:0.2", "--advance-at", "0.9", "--check-every", "1"]) == 0
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    # the first stage's check passed at once (its share was two steps); the second's failed, so it held its share
+    assert [r["max_records"] for r in records if "loss" in r] == [1, 2, 2, 2, 3]
+    assert [r["check"]["max_records"] for r in records if "check" in r] == [1, 2, 2, 2]
+    with pytest.raises(SystemExit):
+        train.main(["--output-dir", str(tmp_path), "--advance-at", "0.9"])  # no curriculum to advance
