@@ -22,7 +22,7 @@ from multiprocessing import Pool
 import torch
 
 from mixquant.tiny import bundled_model_path, tasks
-from mixquant.tiny.train import PackedStream, encode, forward, name_token_index, stages
+from mixquant.tiny.train import PackedStream, encode, field_span, forward, stages
 
 ROWS, ROW_LEN, POOL_CHUNKS, CHUNK = 16, 384, 10, 2000
 QUESTIONS = {"answers": ("name_by_id",), "copy": ("name_by_id", "all_lines")}
@@ -72,7 +72,7 @@ def name_accuracy(model, tok, heldout: list[tuple[list[int], int]]) -> dict[str,
         for x, start in heldout:
             predicted = model(input_ids=torch.tensor([x])).logits[0, start - 1:-1].argmax(-1).tolist()
             answer = x[start:]
-            i = name_token_index(tok, answer)
+            i = field_span(tok, answer, "name")[0]
             f, l = predicted[i] == answer[i], predicted[i + 1] == answer[i + 1]
             first, last, both = first + f, last + l, both + (f and l)
     model.train()

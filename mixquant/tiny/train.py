@@ -241,32 +241,41 @@ def record_stage(schedule: list[tuple[int, float]], progress: float) -> int:
     return len(schedule) - 1
 
 
-def name_token_index(tokenizer, answer: list[int]) -> int:
-    """Where the name starts in a name-by-id answer (`Record 4821: value 615, name Mara Olsen.`)."""
-    return max(j for j, t in enumerate(answer) if tokenizer.decode([t]).strip() == "name") + 1
+# The retrieval questions whose answer ends in one looked-up field, and what the check scores: the tokens after the
+# field's name (`... name Mara Olsen.`, `Name Rosa Diaz, city Denver.`), the final period excluded.
+CHECKABLE_KINDS = {"name_by_id": "name", "city_by_name": "city"}
 
 
-def names_check_rows(tokenizer, max_records: int, count: int = 64) -> tuple[list[dict], list[tuple[int, int]]]:
-    """Name-by-id questions over lists of up to `max_records` records, from the checks' own seeds, packed as
-    training packs them; and, per question, its row and the target position of its first name."""
-    rows, row, used, firsts = [], [], 0, []
+def field_span(tokenizer, answer: list[int], field: str) -> tuple[int, int]:
+    """Where the looked-up field lies in an answer's tokens: after its last `field` token, before the period."""
+    words = [tokenizer.decode([t]).strip() for t in answer]
+    start = max(j for j, w in enumerate(words) if w == field) + 1
+    return start, next(j for j in range(start, len(words)) if words[j] == ".")
+
+
+def lookup_check_rows(tokenizer, max_records: int, kinds: tuple[str, ...] = ("name_by_id",), count: int = 64
+                      ) -> tuple[list[dict], list[tuple[int, int, int]]]:
+    """`count` questions of `kinds` in turn over lists of up to `max_records` records, from the checks' own seeds,
+    packed as training packs them; and, per question, its row and the target positions of its field."""
+    rows, row, used, spans = [], [], 0, []
     for i in range(count):
-        example = tasks.generate("retrieval", tasks.CHECK_SEED_BASE + i, max_records=max_records,
-                                 kinds=("name_by_id",))
+        kind = kinds[i % len(kinds)]
+        example = tasks.generate("retrieval", tasks.CHECK_SEED_BASE + i, max_records=max_records, kinds=(kind,))
         ids, start = encode(tokenizer, example, enable_thinking=False)
         if used + len(ids) > SEQ_LEN:
             rows.append(row)
             row, used = [], 0
-        firsts.append((len(rows), used + start - 1 + name_token_index(tokenizer, ids[start:])))
+        first, end = field_span(tokenizer, ids[start:], CHECKABLE_KINDS[kind])
+        spans.append((len(rows), used + start - 1 + first, used + start - 1 + end))
         row.append((ids, start, tasks.TASKS.index("retrieval")))
         used += len(ids)
     rows.append(row)
-    return [PackedStream.pack(r, tokenizer.pad_token_id) for r in rows], firsts
+    return [PackedStream.pack(r, tokenizer.pad_token_id) for r in rows], spans
 
 
-def names_right(model, rows: list[dict], firsts: list[tuple[int, int]], rows_per_pass: int = 8) -> float:
-    """Teacher-forced share of the questions whose first and last name tokens are both the model's argmax. Through
-    SDPA with a dense mask, as on the CPU, whatever training uses: a compiled FlexAttention would meet new shapes."""
+def lookups_right(model, rows: list[dict], spans: list[tuple[int, int, int]], rows_per_pass: int = 8) -> float:
+    """Teacher-forced share of the questions whose every field token is the model's argmax. Through SDPA with a
+    dense mask, as on the CPU, whatever training uses: a compiled FlexAttention would meet new shapes."""
     device = next(model.parameters()).device
     implementation, model.config._attn_implementation = model.config._attn_implementation, "sdpa"
     predicted, targets = [], []
@@ -279,8 +288,16 @@ def names_right(model, rows: list[dict], firsts: list[tuple[int, int]], rows_per
     model.train()
     model.config._attn_implementation = implementation
     predicted, targets = torch.cat(predicted), torch.cat(targets)
-    right = [bool((predicted[r, p:p + 2] == targets[r, p:p + 2]).all()) for r, p in firsts]
+    right = [bool((predicted[r, a:b] == targets[r, a:b]).all()) for r, a, b in spans]
     return sum(right) / len(right)
+
+
+def check_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(text.split(","))
+    for kind in kinds:
+        if kind not in CHECKABLE_KINDS:
+            raise argparse.ArgumentTypeError(f"{kind!r}: a check asks {' or '.join(CHECKABLE_KINDS)} questions")
+    return kinds
 
 
 def question_kinds(text: str) -> tuple[str, ...]:
@@ -370,12 +387,13 @@ def train(args) -> Path:
         if args.advance_at and stage < len(caps) - 1 and step % args.check_every == 0:
             cap = caps[stage][0]
             if cap not in checks:
-                checks[cap] = names_check_rows(tokenizer, cap)
-            names = names_right(model, *checks[cap])
-            record = {"step": step, "tokens": tokens_seen, "check": {"max_records": cap, "names": round(names, 3)}}
+                checks[cap] = lookup_check_rows(tokenizer, cap, args.check_questions)
+            right = lookups_right(model, *checks[cap])
+            record = {"step": step, "tokens": tokens_seen, "check": {
+                "max_records": cap, "questions": ",".join(args.check_questions), "right": round(right, 3)}}
             log.write(json.dumps(record) + "\n")
             print(json.dumps(record), flush=True)
-            if names >= args.advance_at:
+            if right >= args.advance_at:
                 stage += 1
         if step % args.log_every == 0:
             losses = (window["loss"] / window["count"].clamp(min=1)).tolist()
@@ -461,9 +479,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="cap retrieval's record lists at N records, or at caps that grow over the run "
                         "(e.g. 2:0.25,4:0.2,8:0.15,16:0.15,190:0.25)")
     parser.add_argument("--advance-at", type=float, metavar="ACCURACY",
-                        help="end a --max-records stage early once this share of name-by-id questions at its cap "
-                        "(teacher-forced, both name tokens; seeds of their own) is right, checked every "
-                        "--check-every steps; the stages' fractions are then the latest each may end")
+                        help="end a --max-records stage early once this share of --check-questions at its cap "
+                        "(teacher-forced, every token of the field asked for; seeds of their own) is right, checked "
+                        "every --check-every steps; the stages' fractions are then the latest each may end")
+    parser.add_argument("--check-questions", type=check_kinds, default=("name_by_id",), metavar="KIND,...",
+                        help="what the --advance-at check asks, in turn: name_by_id, city_by_name (default: "
+                        "name_by_id)")
     parser.add_argument("--check-every", type=int, default=100, help="steps between --advance-at checks")
     parser.add_argument("--init-from", help="continue from this checkpoint's weights (a fresh optimizer)")
     parser.add_argument("--kv-heads", type=int, help="KV heads of a model trained from scratch (of 6 query heads; "

@@ -287,22 +287,27 @@ class NextTokenOracle(torch.nn.Module):
         return type("Output", (), {"logits": torch.nn.functional.one_hot(chosen, 1408).float()})
 
 
-def test_the_in_run_names_check_scores_both_name_tokens(tokenizer):
-    from mixquant.tiny.train import names_check_rows, names_right
+def test_the_in_run_check_scores_every_token_of_the_field_asked_for(tokenizer):
+    import argparse
 
-    rows, firsts = names_check_rows(tokenizer, max_records=4, count=10)
-    assert len(firsts) == 10 and len(rows) == 1  # ten 4-record questions fit one row
-    for row, position in firsts:
-        first, last = (tokenizer.decode([t]) for t in rows[row]["targets"][position:position + 2].tolist())
-        assert first.strip() in tasks.FIRST_NAMES and last.strip() in tasks.LAST_NAMES
+    from mixquant.tiny.train import check_kinds, lookup_check_rows, lookups_right
+
+    rows, spans = lookup_check_rows(tokenizer, max_records=4, kinds=("name_by_id", "city_by_name"), count=10)
+    assert len(spans) == 10 and len(rows) == 1  # ten 4-record questions fit one row
+    fields = [tokenizer.decode(rows[row]["targets"][a:b]).split() for row, a, b in spans]
+    assert all(len(f) == 2 and f[0] in tasks.FIRST_NAMES and f[1] in tasks.LAST_NAMES for f in fields[::2])
+    assert all(len(f) == 1 and f[0] in tasks.CITIES for f in fields[1::2])
     text = tokenizer.decode(rows[0]["input_ids"])
-    assert text.count("What is the name on record") == 10
-    # seeds of their own: no question of the held-out set
-    assert not {e.messages[1]["content"] for e in tasks.heldout("retrieval", 200, max_records=4,
-                                                                 kinds=("name_by_id",))} & set(text.split("<|im_start|>"))
+    assert text.count("What is the name on record") == 5 and text.count("Which city is") == 5
+    # seeds of their own: no prompt of the held-out sets (the same generator calls, from seed 0)
+    heldout = [e.messages[1]["content"] for kind in ("name_by_id", "city_by_name")
+               for e in tasks.heldout("retrieval", 200, max_records=4, kinds=(kind,))]
+    assert not any(content in text for content in heldout)
     oracles = [NextTokenOracle(right) for right in (True, False)]
-    assert [names_right(oracle, rows, firsts) for oracle in oracles] == [1.0, 0.0]
+    assert [lookups_right(oracle, rows, spans) for oracle in oracles] == [1.0, 0.0]
     assert oracles[0].config._attn_implementation == "flex_attention"  # training's attention, given back
+    with pytest.raises(argparse.ArgumentTypeError, match="name_by_id or city_by_name"):
+        check_kinds("value_by_id")
 
 
 def test_a_curriculum_stage_ends_when_its_check_passes(tmp_path, monkeypatch):
@@ -314,7 +319,7 @@ def test_a_curriculum_stage_ends_when_its_check_passes(tmp_path, monkeypatch):
     Qwen3ForCausalLM(Qwen3Config(vocab_size=1408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(small)
     accuracies = iter([1.0, 0.5, 0.5, 0.5])
-    monkeypatch.setattr(train, "names_right", lambda *args: next(accuracies))
+    monkeypatch.setattr(train, "lookups_right", lambda *args: next(accuracies))
     out = tmp_path / "run"
     assert train.main(["--output-dir", str(out), "--init-from", str(small), "--max-steps", "5", "--batch-rows", "1",
                        "--workers", "0", "--device", "cpu", "--log-every", "1", "--mix", "retrieval=1",
