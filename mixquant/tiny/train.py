@@ -339,7 +339,7 @@ def train(args) -> Path:
     optimizer = torch.optim.AdamW(parameter_groups(model), lr=args.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     caps = args.max_records or [(0, 1.0)]
-    stage, checks = 0, {}  # checks: the packed name questions per cap, made once
+    stage, checks = 0, {}  # checks: the packed check questions per cap, made once
     stream = PackedStream(args.tokenizer, args.seed, args.mix, args.retrieval_questions, caps[0][0])
     # each worker makes prefetch_factor batches ahead, so a raised cap reaches training that many steps late
     loader = DataLoader(stream, batch_size=args.batch_rows,
@@ -347,6 +347,12 @@ def train(args) -> Path:
                         prefetch_factor=4 if args.workers else None, persistent_workers=args.workers > 0)
     budget = args.minutes * 60
     log = (out / "train_log.jsonl").open("w")
+
+    def write(record: dict):
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        print(json.dumps(record), flush=True)
+
     start, step, tokens_seen = time.perf_counter(), 0, 0
     window = {"loss": torch.zeros(len(tasks.TASKS), device=device), "count": torch.zeros(len(tasks.TASKS),
                                                                                           device=device)}
@@ -391,8 +397,7 @@ def train(args) -> Path:
             right = lookups_right(model, *checks[cap])
             record = {"step": step, "tokens": tokens_seen, "check": {
                 "max_records": cap, "questions": ",".join(args.check_questions), "right": round(right, 3)}}
-            log.write(json.dumps(record) + "\n")
-            print(json.dumps(record), flush=True)
+            write(record)
             if right >= args.advance_at:
                 stage += 1
         if step % args.log_every == 0:
@@ -403,9 +408,7 @@ def train(args) -> Path:
                       "tokens_per_s": round(tokens_seen / elapsed), "lr": optimizer.param_groups[0]["lr"],
                       **({"max_records": stream.record_cap.value} if args.max_records else {}),
                       "loss": {t: round(v, 4) for t, v, any_ in zip(tasks.TASKS, losses, seen) if any_}}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(json.dumps(record), flush=True)
+            write(record)
             window["loss"].zero_()
             window["count"].zero_()
     log.close()
