@@ -13,6 +13,7 @@ The four tasks are shaped like agent traffic: long input, short output.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -83,9 +84,16 @@ class Record:
         return f"record {self.id}: value {self.value}, name {self.name}, city {self.city}"
 
 
-def make_records(rng: random.Random, count: int) -> list[Record]:
+def make_records(rng: random.Random, count: int, shared_names: bool = False) -> list[Record]:
+    """`shared_names` (training only) draws the names from about sqrt(count) first and last names, so that each of
+    them recurs in the list: a person is then told apart only by both words, as in a list of 190 records, where
+    each first name recurs about 3 times and each last name 4, and not by either alone as in most short lists."""
     ids = rng.sample(range(100, 10000), count)
-    names = rng.sample([f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES], count)
+    firsts, lasts = FIRST_NAMES, LAST_NAMES
+    if shared_names:
+        shared = max(2, math.isqrt(count - 1) + 1)
+        firsts, lasts = rng.sample(FIRST_NAMES, shared), rng.sample(LAST_NAMES, shared)
+    names = rng.sample([f"{first} {last}" for first in firsts for last in lasts], count)
     return [Record(i, n, rng.choice(CITIES), rng.randint(1, 999)) for i, n in zip(ids, names)]
 
 
@@ -131,9 +139,10 @@ def listed(records: list[Record]) -> str:
     return "records " + ", ".join(str(r.id) for r in records[:-1]) + f" and {records[-1].id}"
 
 
-def retrieval(rng: random.Random, max_records: int = 190, kinds: tuple[str, ...] = QUESTION_KINDS) -> Example:
+def retrieval(rng: random.Random, max_records: int = 190, kinds: tuple[str, ...] = QUESTION_KINDS,
+              shared_names: bool = False) -> Example:
     """4 to `max_records` records; a `max_records` under 4 gives exactly that many (a training curriculum)."""
-    records = make_records(rng, rng.randint(min(4, max_records), max_records))
+    records = make_records(rng, rng.randint(min(4, max_records), max_records), shared_names)
     question, answer = record_question(rng, records, kinds)
     user = "Here are the records:\n" + "\n".join(r.line() for r in records) + f"\n\nQuestion: {question}"
     return Example("retrieval", [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user},

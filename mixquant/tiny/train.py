@@ -73,9 +73,10 @@ class PackedStream(IterableDataset):
     positions restarting per example, the example index per token (for the document mask), the task per target."""
 
     def __init__(self, tokenizer_dir: str, seed: int, mix: dict[str, float] | None = None,
-                 retrieval_kinds: tuple[str, ...] = TRAIN_QUESTION_KINDS, max_records: int | None = None):
+                 retrieval_kinds: tuple[str, ...] = TRAIN_QUESTION_KINDS, max_records: int | None = None,
+                 shared_names: float = 0.0):
         self.tokenizer_dir, self.seed = tokenizer_dir, seed
-        self.mix, self.retrieval_kinds = mix or TRAIN_MIX, retrieval_kinds
+        self.mix, self.retrieval_kinds, self.shared_names = mix or TRAIN_MIX, retrieval_kinds, shared_names
         # shared with the loader's worker processes, so a curriculum can raise the cap as training goes (0: none)
         self.record_cap = multiprocessing.RawValue("i", max_records or 0)
 
@@ -94,6 +95,8 @@ class PackedStream(IterableDataset):
             sizes = {}
             if tasks.TASKS[task] == "retrieval":
                 sizes["kinds"] = self.retrieval_kinds
+                if self.shared_names:  # no draw otherwise: a run without the flag makes the examples it made before
+                    sizes["shared_names"] = rng.random() < self.shared_names
                 if rng.random() < SHORT_RETRIEVAL["fraction"]:
                     sizes["max_records"] = rng.choice(SHORT_RETRIEVAL["max_records"])
                 if cap := self.record_cap.value:
@@ -340,7 +343,8 @@ def train(args) -> Path:
                                   fused=device.type == "cuda")
     caps = args.max_records or [(0, 1.0)]
     stage, checks = 0, {}  # checks: the packed check questions per cap, made once
-    stream = PackedStream(args.tokenizer, args.seed, args.mix, args.retrieval_questions, caps[0][0])
+    stream = PackedStream(args.tokenizer, args.seed, args.mix, args.retrieval_questions, caps[0][0],
+                          args.shared_names)
     # each worker makes prefetch_factor batches ahead, so a raised cap reaches training that many steps late
     loader = DataLoader(stream, batch_size=args.batch_rows,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
@@ -478,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrieval-questions", type=question_kinds, default=TRAIN_QUESTION_KINDS,
                         metavar="KIND,...", help="the retrieval questions to train on (default: every kind, "
                         "a third of them whole-line quotes)")
+    parser.add_argument("--shared-names", type=float, default=0.0, metavar="FRACTION",
+                        help="this share of retrieval lists draw their names from a few first and last names, "
+                        "each recurring, so that only both words tell two people apart (default: none)")
     parser.add_argument("--max-records", type=record_stages, metavar="N | N:FRACTION,...",
                         help="cap retrieval's record lists at N records, or at caps that grow over the run "
                         "(e.g. 2:0.25,4:0.2,8:0.15,16:0.15,190:0.25)")

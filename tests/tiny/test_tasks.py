@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -103,6 +104,32 @@ def test_short_record_lists_for_the_training_curriculum():
             quotes = [q[0].lower() + q[1:] for q in e.answer.rstrip(".").split(". ")]
             assert all(any(q in line for line in lines) for q in quotes)
     assert {e.meta["records"] for e in tasks.heldout("retrieval", 40)} <= set(range(4, 191))
+
+
+def test_shared_names_recur_in_a_list_yet_name_one_person_each():
+    def names(example):
+        return [line.split(", name ")[1].split(", city ")[0]
+                for line in example.messages[1]["content"].splitlines() if line.startswith("record ")]
+
+    for seed in range(20):
+        shared = names(tasks.generate("retrieval", tasks.TRAIN_SEED_BASE + seed, shared_names=True))
+        words = max(2, math.ceil(math.sqrt(len(shared))))
+        assert len(set(shared)) == len(shared)
+        assert len({n.split()[0] for n in shared}) <= words and len({n.split()[1] for n in shared}) <= words
+    plain = names(tasks.generate("retrieval", 7, max_records=190))
+    assert names(tasks.generate("retrieval", 7, max_records=190, shared_names=False)) == plain
+    assert len({n.split()[0] for n in plain}) > math.ceil(math.sqrt(len(plain)))
+    # training asks for them per list, for the share --shared-names gives
+    from mixquant.tiny.train import question_kinds, task_mix
+
+    tok = AutoTokenizer.from_pretrained(str(bundled_model_path()))
+    stream = PackedStream(str(bundled_model_path()), seed=0, mix=task_mix("retrieval=1"),
+                          retrieval_kinds=question_kinds("city_by_name"), max_records=16, shared_names=1.0)
+    prompts = tok.decode(next(iter(stream))["input_ids"]).split("<|im_start|>user")[1:]
+    for prompt in prompts:
+        lines = [line for line in prompt.splitlines() if line.startswith("record ")]
+        firsts = {line.split(", name ")[1].split()[0] for line in lines}
+        assert len(firsts) <= max(2, math.ceil(math.sqrt(len(lines))))
 
 
 def test_multi_turn_recalls_a_fact_of_the_session():
