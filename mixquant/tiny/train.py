@@ -507,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.advance_at is not None and not (0 < args.advance_at <= 1 and args.max_records
                                             and len(args.max_records) > 1):
         parser.error("--advance-at takes an accuracy in (0, 1] and a --max-records curriculum of two or more stages")
+    if not 0 <= args.shared_names <= 1:
+        parser.error(f"--shared-names takes a share of retrieval lists in [0, 1], not {args.shared_names}")
     if args.init_from and args.kv_heads is not None:
         parser.error("--kv-heads shapes a model trained from scratch; --init-from takes the checkpoint's shape")
     train(args)

@@ -225,6 +225,15 @@ def test_kv_heads_are_refused_for_a_continued_checkpoint(tmp_path):
         main(["--output-dir", str(tmp_path), "--init-from", str(bundled_model_path()), "--kv-heads", "6"])
 
 
+def test_a_shared_names_share_outside_0_to_1_is_refused(tmp_path, capsys):
+    from mixquant.tiny.train import main
+
+    for bad in ("1.5", "-0.1"):
+        with pytest.raises(SystemExit):
+            main(["--output-dir", str(tmp_path), "--shared-names", bad])
+        assert "--shared-names" in capsys.readouterr().err
+
+
 def test_training_continues_from_the_bundled_checkpoint_and_saves_it(tmp_path):
     from mixquant.tiny import bundled_model_path
     from mixquant.tiny.train import main
