@@ -2,11 +2,13 @@
 
 1. BF16 logits of the engine against transformers on a Qwen3-8B-shaped model cut to a few layers (random weights,
    real per-layer shapes), and greedy agreement.
+   With --attention-only instead: on the same cut model, fp8/bf16 with cuDNN's FP8 prefill attention against
+   fp8/bf16 with BF16 attention and against bf16/bf16, at 8,192 and 16,384 prompt tokens (logits at every position).
 2. The full 36-layer Qwen3-8B shape (random weights) in the pairs bf16/bf16, fp8/bf16, nvfp4/bf16, nvfp4/nvfp4:
    it runs, no NaNs, which kernels ran, first-token logits against bf16/bf16, rough step times (eager; these
    are not benchmarks — `mixquant bench` is).
 
-Usage: PYTHONPATH=. python gpu_tests/check_engine.py --out $OUT [--graphs-only | --reference-only]
+Usage: PYTHONPATH=. python gpu_tests/check_engine.py --out $OUT [--graphs-only | --reference-only | --attention-only]
 """
 from __future__ import annotations
 
@@ -95,6 +97,44 @@ def check_against_transformers(workdir: Path, layers: int) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def check_fp8_attention(workdir: Path, layers: int, lengths=(8192, 16384)) -> list[dict]:
+    """Prompt logits of fp8/bf16 with prefill_attention="fp8-cudnn" against the same pair with BF16 attention (what
+    the FP8 attention alone changes) and against bf16/bf16 (what FP8 prefill changes in all), per prompt length."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mixquant import LLM
+    from tests.engine.helpers import engine_prompt_logits
+
+    path = write_config_dir(workdir / "qwen3-8b-shape-cut-attention", num_hidden_layers=layers,
+                            max_position_embeddings=max(lengths) + 64)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16).save_pretrained(path)
+    rows = []
+    for tokens in lengths:
+        ids = torch.randint(0, 150000, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
+        logits = {}
+        for name, prefill, attention in (("bf16/bf16", "bf16", "bf16"), ("fp8/bf16", "fp8", "bf16"),
+                                         ("fp8/bf16 fp8-cudnn", "fp8", "fp8-cudnn")):
+            llm = LLM(str(path), prefill_precision=prefill, decode_precision="bf16", prefill_attention=attention,
+                      max_model_len=tokens + 64, max_num_batched_tokens=tokens, gpu_memory_utilization=0.5)
+            logits[name] = engine_prompt_logits(llm.engine, ids)[:-1].cpu()  # the prefill rows (the last: bf16)
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+        cudnn, fp8, bf16 = logits["fp8/bf16 fp8-cudnn"], logits["fp8/bf16"], logits["bf16/bf16"]
+        row = {"tokens": tokens, "finite": bool(torch.isfinite(cudnn).all()),
+               "rel_err_vs_bf16_attention": rel_err(cudnn, fp8), "rel_err_vs_bf16_bf16": rel_err(cudnn, bf16),
+               "fp8_linear_rel_err_vs_bf16_bf16": rel_err(fp8, bf16),
+               "top1_vs_bf16_attention": (cudnn.argmax(-1) == fp8.argmax(-1)).float().mean().item(),
+               "top1_vs_bf16_bf16": (cudnn.argmax(-1) == bf16.argmax(-1)).float().mean().item(),
+               "fp8_linear_top1_vs_bf16_bf16": (fp8.argmax(-1) == bf16.argmax(-1)).float().mean().item()}
+        rows.append(row)
+        print("fp8 attention in the engine:", json.dumps(row), flush=True)
+        del logits, cudnn, fp8, bf16
+    return rows
 
 
 def run_pairs(workdir: Path, prompt_len: int, new_tokens: int) -> list[dict]:
@@ -191,6 +231,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--graphs-only", action="store_true", help="only prefill graphs against eager")
     parser.add_argument("--reference-only", action="store_true", help="only the logits against transformers")
+    parser.add_argument("--attention-only", action="store_true", help="only cuDNN FP8 prefill attention in the engine")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,6 +240,15 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             rows = check_prefill_graphs(Path(tmp))
         return 0 if all(r["prefill_graphs"] and r["first_logprob_max_diff"] < 0.05 for r in rows) else 1
+    if args.attention_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = check_fp8_attention(Path(tmp), args.cut_layers)
+        (out / "engine_check_attention.json").write_text(json.dumps(rows, indent=2))
+        # FP8 attention must not cost more agreement with bf16/bf16 than the FP8 linear layers already do, twice over
+        ok = all(r["finite"] and 1 - r["top1_vs_bf16_bf16"] <= 2 * (1 - r["fp8_linear_top1_vs_bf16_bf16"]) + 0.01
+                 for r in rows)
+        print("PASS" if ok else "FAIL")
+        return 0 if ok else 1
     if args.reference_only:
         with tempfile.TemporaryDirectory() as tmp:
             ref = check_against_transformers(Path(tmp), args.cut_layers)

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from mixquant.kernels.cudnn_attention import (cudnn_fp8_attention_reference, cudnn_fp8_prefill_attention,
+                                              padded_tokens, quantize_tensor_fp8)
 from mixquant.kernels.fp8_attention import (PrefillConfig, fp8_attention_reference, fp8_prefill_attention,
                                             quantize_blocks_fp8)
 from mixquant.kernels.paged_attention import DecodeConfig, default_num_splits, paged_decode_attention
@@ -448,6 +450,8 @@ def tune(attention_sizes=((1, 32768), (32, 8192)), quant_m: int = 8192, quant_ks
 
 FP8_VS_SDPA = 8e-2  # rel. error bound; expected ~4.7e-2 on N(0, 1) inputs (the CPU emulation at 2k-4k tokens)
 FP8_VS_EMULATION = 1e-2  # expected ~1e-3: ex2.approx, FMA contraction and MMA sums flip a few fp8 roundings of P
+# cuDNN against an emulation whose P is relative to the global row max (cuDNN's: the running max): a guess
+CUDNN_VS_EMULATION = 3e-2
 NEEDLE_TOLERANCE = 5e-2  # the needle row against the needle's value: V's fp8 rounding (~3%) for FP8
 
 
@@ -481,12 +485,22 @@ def exact_rows(q, k, v, rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def check_fp8_prefill(config: PrefillConfig, lengths=(4096, 32768)) -> list[dict]:
+def triton_fp8(config: PrefillConfig):
+    """The Triton kernel at one launch shape, and its PyTorch emulation: (attend, emulate) of (q, k, v)."""
+    return (lambda q, k, v: fp8_prefill_attention(q, k, v, SCALE, torch.full_like(q, float("nan")), config=config),
+            lambda q, k, v: fp8_attention_reference(q, k, v, SCALE, config))
+
+
+def cudnn_fp8():
+    return (lambda q, k, v: cudnn_fp8_prefill_attention(q, k, v, SCALE),
+            lambda q, k, v: cudnn_fp8_attention_reference(q, k, v, SCALE))
+
+
+def check_fp8_prefill(attend, emulate, lengths=(4096, 32768), emulation_bound=FP8_VS_EMULATION) -> list[dict]:
     results = []
     for tokens in lengths:
         q, k, v = prefill_qkv(tokens, seed=tokens)
-        out = torch.full_like(q, float("nan"))
-        fp8_prefill_attention(q, k, v, SCALE, out, config=config)
+        out = attend(q, k, v)
         sdpa = sdpa_prefill(q, k, v)
         rows = torch.linspace(0, tokens - 1, 96, device=DEV).long()
         exact = exact_rows(q, k, v, rows)
@@ -494,9 +508,9 @@ def check_fp8_prefill(config: PrefillConfig, lengths=(4096, 32768)) -> list[dict
                  rows_rel_err_vs_float64=rel_err(out[rows], exact),
                  sdpa_rows_rel_err_vs_float64=rel_err(sdpa[rows], exact))
         if tokens <= 4096:  # the emulation holds float32 copies of everything: the short length only
-            r["rel_err_vs_emulation"] = rel_err(out, fp8_attention_reference(q, k, v, SCALE, config))
+            r["rel_err_vs_emulation"] = rel_err(out, emulate(q, k, v))
         r["ok"] = (r["finite"] and r["rel_err_vs_sdpa"] < FP8_VS_SDPA
-                   and r.get("rel_err_vs_emulation", 0) < FP8_VS_EMULATION)
+                   and r.get("rel_err_vs_emulation", 0) < emulation_bound)
         results.append(r)
         print(f"fp8 prefill T={tokens:6}: vs sdpa {r['rel_err_vs_sdpa']:.2e}, rows vs float64 "
               f"{r['rows_rel_err_vs_float64']:.2e} (sdpa {r['sdpa_rows_rel_err_vs_float64']:.2e}), vs emulation "
@@ -506,7 +520,7 @@ def check_fp8_prefill(config: PrefillConfig, lengths=(4096, 32768)) -> list[dict
     return results
 
 
-def check_needles(config: PrefillConfig, lengths=(32768, 131072)) -> list[dict]:
+def check_needles(attend, lengths=(32768, 131072)) -> list[dict]:
     """Per length, four (query, key) pairs in different heads, one key each made to match its query far above the
     other keys (score ~30 against N(0, 1)): the query's output must be that key's value, as SDPA's is."""
     results = []
@@ -519,7 +533,7 @@ def check_needles(config: PrefillConfig, lengths=(32768, 131072)) -> list[dict]:
                  (tokens // 3, tokens // 3 - 3, 27)]
         for query, key, head in pairs:
             k[key, head // group] = q[query, head] * 2.7  # q.k * SCALE ~ 2.7 * 128 / sqrt(128) ~ 30
-        out = fp8_prefill_attention(q, k, v, SCALE, config=config)
+        out = attend(q, k, v)
         sdpa = sdpa_prefill(q, k, v)
         for query, key, head in pairs:
             value = v[key, head // group]
@@ -537,20 +551,19 @@ def causal_flops(tokens: int) -> float:
     return 2 * 2 * HEADS * tokens * tokens / 2 * HEAD_DIM
 
 
-def bench_fp8_prefill(config: PrefillConfig, lengths=(4096, 8192, 32768, 131072)) -> list[dict]:
+def bench_fp8_prefill(attend, quantize, lengths=(4096, 8192, 32768, 131072)) -> list[dict]:
+    """attend(q, k, v) against SDPA; quantize(q, k, v): the part of attend that quantizes its operands."""
     results = []
     for tokens in lengths:
         q, k, v = prefill_qkv(tokens, seed=3)
-        out = torch.empty_like(q)
-        kernel = median_ms(lambda: fp8_prefill_attention(q, k, v, SCALE, out, config=config))
-        quant = median_ms(lambda: (quantize_blocks_fp8(k, config.block_n),
-                                   quantize_blocks_fp8(v, config.block_n, transpose=True)))
+        kernel = median_ms(lambda: attend(q, k, v))
+        quant = median_ms(lambda: quantize(q, k, v))
         sdpa = median_ms(lambda: sdpa_prefill(q, k, v))
         flops = causal_flops(tokens)
         results.append(dict(tokens=tokens, kernel_ms=kernel, kv_quant_ms=quant, sdpa_ms=sdpa,
                             kernel_tflops=flops / kernel / 1e9, sdpa_tflops=flops / sdpa / 1e9,
                             speedup=sdpa / kernel))
-        del q, k, v, out
+        del q, k, v
     return results
 
 
@@ -569,22 +582,62 @@ def tune_fp8_prefill(tokens: int = 32768) -> list[dict]:
     return results
 
 
-def print_fp8_prefill(report: dict):
-    print(f"{'fp8 prefill attention':22} {'kernel ms':>10} {'TFLOP/s':>8} {'kv quant':>9} {'sdpa ms':>9} "
-          f"{'TFLOP/s':>8} {'speedup':>8}")
-    for r in report["fp8_prefill_timings"]:
+def print_attention_timings(title: str, timings: list[dict]):
+    print(f"{title:22} {'kernel ms':>10} {'TFLOP/s':>8} {'quant ms':>9} {'sdpa ms':>9} {'TFLOP/s':>8} {'speedup':>8}")
+    for r in timings:
         print(f"T={r['tokens']:<20} {r['kernel_ms']:10.3f} {r['kernel_tflops']:8.0f} {r['kv_quant_ms']:9.3f} "
               f"{r['sdpa_ms']:9.3f} {r['sdpa_tflops']:8.0f} {r['speedup']:7.2f}x")
+
+
+def print_fp8_prefill(report: dict):
+    print_attention_timings("fp8 prefill attention", report["fp8_prefill_timings"])
     for r in report["fp8_prefill_tuning"]:
         print(f"tuning fp8 prefill T={r['tokens']} block_m={r['block_m']} block_n={r['block_n']} "
               f"warps={r['num_warps']} stages={r['num_stages']}: {r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s")
 
 
 def fp8_prefill_report(config: PrefillConfig) -> dict:
-    report = dict(fp8_prefill_config=vars(config), fp8_prefill_checks=check_fp8_prefill(config),
-                  needle_checks=check_needles(config))
-    report["fp8_prefill_timings"] = bench_fp8_prefill(config)
+    attend, emulate = triton_fp8(config)
+    report = dict(fp8_prefill_config=vars(config), fp8_prefill_checks=check_fp8_prefill(attend, emulate),
+                  needle_checks=check_needles(attend))
+    report["fp8_prefill_timings"] = bench_fp8_prefill(attend, lambda q, k, v: (
+        quantize_blocks_fp8(k, config.block_n), quantize_blocks_fp8(v, config.block_n, transpose=True)))
     report["fp8_prefill_tuning"] = tune_fp8_prefill()
+    return report
+
+
+def cudnn_plan_builds(lengths=(4096, 3001, 32768, 131000)) -> list[dict]:
+    """The first call at a new padded length builds cuDNN's plan: its wall time, and the next call's."""
+    results = []
+    for tokens in lengths:
+        q, k, v = prefill_qkv(tokens, seed=5)
+        times = []
+        for _ in range(2):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            cudnn_fp8_prefill_attention(q, k, v, SCALE)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        results.append(dict(tokens=tokens, padded=padded_tokens(tokens), first_s=times[0], second_s=times[1]))
+        print(f"cudnn plan T={tokens} (padded {padded_tokens(tokens)}): first call {times[0]:.3f} s, "
+              f"second {times[1] * 1e3:.2f} ms", flush=True)
+        del q, k, v
+    return results
+
+
+def cudnn_fp8_report() -> dict:
+    """cuDNN's FP8 flash attention, per-tensor scales: the same checks and timings as the Triton kernel's; its
+    emulation (global row max for P, where cuDNN uses the running one) is looser, hence its own bound."""
+    import cudnn
+
+    attend, emulate = cudnn_fp8()
+    report = dict(cudnn_frontend=cudnn.__version__, cudnn_backend=cudnn.backend_version(),
+                  cudnn_plan_builds=cudnn_plan_builds())
+    report["cudnn_checks"] = check_fp8_prefill(attend, emulate, lengths=(3001, 4096, 32768),
+                                               emulation_bound=CUDNN_VS_EMULATION)
+    report["cudnn_needle_checks"] = check_needles(attend)
+    report["cudnn_timings"] = bench_fp8_prefill(attend, lambda q, k, v: [
+        quantize_tensor_fp8(x, padded_tokens(q.shape[0])) for x in (q, k, v)])
     return report
 
 
@@ -601,7 +654,8 @@ def parse_tile(text: str) -> PrefillConfig:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="GPU checks and timings of mixquant.kernels")
-    parser.add_argument("--only", choices=["fp8-prefill", "gated-quant", "norm-rope"], help="run one section only")
+    parser.add_argument("--only", choices=["fp8-prefill", "fp8-cudnn", "gated-quant", "norm-rope"],
+                        help="run one section only")
     parser.add_argument("--fp8-tile", type=parse_tile, default=PrefillConfig(), metavar="MxNxWARPSxSTAGES",
                         help="the fp8 prefill launch shape its checks and timings use (default: PrefillConfig())")
     args = parser.parse_args()
@@ -626,6 +680,9 @@ def main() -> int:
         report.update(fp8_prefill_report(args.fp8_tile))
         report["fp8_prefill_wall_s"] = time.time() - fp8_start
         checks += report["fp8_prefill_checks"] + report["needle_checks"]
+    if args.only == "fp8-cudnn":
+        report.update(cudnn_fp8_report())
+        checks += report["cudnn_checks"] + report["cudnn_needle_checks"]
     if args.only is None:
         report["copy"] = bench_copy()
         report["attention_timings"] = bench_attention()
@@ -638,6 +695,8 @@ def main() -> int:
         print_decode_and_quant(report)
     if "fp8_prefill_timings" in report:
         print_fp8_prefill(report)
+    if "cudnn_timings" in report:
+        print_attention_timings("cudnn fp8 attention", report["cudnn_timings"])
     failed = [c for c in checks if not c["ok"]]
     print(f"checks: {len(checks) - len(failed)}/{len(checks)} ok; {report['wall_s']:.0f} s")
     if os.environ.get("OUT"):

@@ -6,6 +6,7 @@ whose decode server recomputes it), so the first output token comes from decode-
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
@@ -14,9 +15,13 @@ import torch
 
 Precision = Literal["bf16", "fp8", "nvfp4"]
 PRECISIONS: tuple[str, ...] = ("bf16", "fp8", "nvfp4")
-# Attention of prefill segments with nothing cached before them: SDPA in the model dtype, or the FP8 Triton kernel
-# (mixquant/kernels/fp8_attention.py). Decode and cached-prefix segments always attend in the model dtype.
-PREFILL_ATTENTIONS: tuple[str, ...] = ("bf16", "fp8")
+# Attention of prefill segments with nothing cached before them: SDPA in the model dtype, the FP8 Triton kernel
+# (mixquant/kernels/fp8_attention.py: per-tile scales) or cuDNN's FP8 flash attention
+# (mixquant/kernels/cudnn_attention.py: per-tensor scales). Decode and cached-prefix segments always attend in the
+# model dtype. "auto" picks cuDNN's where it is faster: fp8 prefill, segments of AUTO_FP8_ATTENTION_MIN_TOKENS or
+# more (H200: 1.01x SDPA's speed at 4,096 tokens, 1.35x at 8,192, 1.63x at 131,072; docs/benchmarks.md).
+PREFILL_ATTENTIONS: tuple[str, ...] = ("auto", "bf16", "fp8", "fp8-cudnn")
+AUTO_FP8_ATTENTION_MIN_TOKENS = 8192
 
 
 class Phase(str, Enum):
@@ -55,6 +60,18 @@ def default_prefill_precision(device: torch.device) -> str:
     if cap >= (8, 9):
         return "fp8"
     return "bf16"
+
+
+def fp8_cudnn_unavailable_reason(device: torch.device) -> str | None:
+    """Why cuDNN's FP8 flash attention cannot run on `device` (None when it can)."""
+    if importlib.util.find_spec("cudnn") is None:
+        return "the cuDNN frontend is not installed (pip install 'mixquant[cudnn]')"
+    cap = compute_capability(device)
+    if cap is None:
+        return f"it needs a CUDA GPU, not {device}"
+    if cap < (9, 0):
+        return f"it needs compute capability >= 9.0 (Hopper or newer); {device} has {cap[0]}.{cap[1]}"
+    return None
 
 
 def kernel_mode(precision: str, device: torch.device) -> Literal["native", "emulated"]:
@@ -121,7 +138,7 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes (benchmarks)
     seed: int = 0
     revision: str | None = None
-    prefill_attention: str = "bf16"  # "fp8": FP8 causal attention for fresh prefill segments (CUDA, sm >= 8.9)
+    prefill_attention: str = "auto"  # see PREFILL_ATTENTIONS; "auto" is resolved in __post_init__
 
     def __post_init__(self):
         self.device_obj = resolve_device(self.device)
@@ -153,6 +170,16 @@ class EngineConfig:
                 where = f"compute capability {cap[0]}.{cap[1]}" if cap else "no CUDA device"
                 raise ValueError(f"prefill_attention='fp8' needs a CUDA GPU of compute capability >= 8.9 (FP8 "
                                  f"tensor cores: Ada, Hopper or newer); device {self.device_obj} has {where}")
+        if self.prefill_attention == "fp8-cudnn":
+            reason = fp8_cudnn_unavailable_reason(self.device_obj)
+            if reason:
+                raise ValueError(f"prefill_attention='fp8-cudnn' cannot run: {reason}")
+        # fresh prefill segments shorter than this attend in the model dtype whatever prefill_attention says
+        self.fp8_attention_min_tokens = 0
+        if self.prefill_attention == "auto":
+            fast = self.prefill_precision == "fp8" and fp8_cudnn_unavailable_reason(self.device_obj) is None
+            self.prefill_attention = "fp8-cudnn" if fast else "bf16"
+            self.fp8_attention_min_tokens = AUTO_FP8_ATTENTION_MIN_TOKENS if fast else 0
 
     def precision(self, phase: Phase) -> str:
         return self.prefill_precision if phase is Phase.PREFILL else self.decode_precision

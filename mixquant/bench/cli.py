@@ -37,9 +37,11 @@ def register(subparsers):
     p.add_argument("--contexts", default="2048,4096,8192,32768")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compare", choices=["transformers"], help="add transformers (sdpa, BF16) rows")
-    p.add_argument("--prefill-attention", default="bf16", type=_attentions,
-                   help="attention of the prompt tokens, one or a comma list, each run with every pair: bf16 (SDPA) "
-                        "or fp8 (Triton kernel); e.g. bf16,fp8")
+    p.add_argument("--prefill-attention", default="auto", type=_attentions,
+                   help="attention of the prompt tokens, one or a comma list, each run with every pair: auto (the "
+                        "engine's default: fp8-cudnn for fp8 prefill from 8,192 tokens where cuDNN can run it, else "
+                        "bf16), bf16 (SDPA), fp8 (Triton kernel, per-tile scales) or fp8-cudnn (cuDNN, per-tensor "
+                        "scales); e.g. bf16,auto")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (prefill graphs cover up to 4,096 "
                                                                 "prefill rows a step)")
     p.set_defaults(func=run_offline, kind="prefill")

@@ -35,12 +35,12 @@ class Row:
     tflops: float | None = None
     gbps: float | None = None
     ratio_to_baseline: float | None = None
-    prefill_attention: str = "bf16"  # "fp8": the prompt's attention ran in the FP8 Triton kernel
+    prefill_attention: str = "auto"  # as asked for (EngineConfig.prefill_attention); notes say what "auto" became
     notes: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
-        attention = " fp8-attn" if self.prefill_attention == "fp8" else ""
+        attention = f" {self.prefill_attention}-attn" if self.prefill_attention not in ("auto", "bf16") else ""
         return f"{self.prefill_precision}/{self.decode_precision}{attention}"
 
     def to_dict(self) -> dict:
@@ -87,7 +87,7 @@ def measure_ceilings() -> dict:
 
 
 def _engine(model: str, pair: str, max_len: int, batched_tokens: int, max_seqs: int, hf_overrides: dict | None,
-            eager: bool, prefill_attention: str = "bf16") -> LLMEngine:
+            eager: bool, prefill_attention: str = "auto") -> LLMEngine:
     prefill, decode = pair.split("/")
     return LLMEngine(EngineConfig(model=model, load_format="dummy", skip_tokenizer_init=True,
                                   prefill_precision=prefill, decode_precision=decode, max_model_len=max_len,
@@ -124,12 +124,15 @@ def memory_notes(engine: LLMEngine) -> dict:
 def bench_prefill(model: str, pairs: list[str], contexts: list[int], repeats: int, hf_overrides: dict | None,
                   compare_transformers: bool, attentions: tuple[str, ...] = ("bf16",), eager: bool = False
                   ) -> list[Row]:
-    """Every pair with every prompt attention (bf16 SDPA, fp8 Triton), each against bf16/bf16 with bf16 attention."""
+    """Every pair with every prompt attention (EngineConfig.prefill_attention), each against bf16/bf16 with bf16
+    attention ("auto" resolves to bf16 for bf16/bf16)."""
     rows: list[Row] = []
     for pair, attention in [(p, a) for a in attentions for p in pairs]:
         engine = _engine(model, pair, max(contexts) + 16, max(contexts), 4, hf_overrides, eager=eager,
                          prefill_attention=attention)
-        notes = {**memory_notes(engine), "prefill_graphs": engine.runner.prefill_graphs is not None}
+        notes = {**memory_notes(engine), "prefill_graphs": engine.runner.prefill_graphs is not None,
+                 "prefill_attention": engine.config.prefill_attention,
+                 "fp8_attention_min_tokens": engine.config.fp8_attention_min_tokens}
         for context in contexts:
             prompt = _random_prompt(context, engine.hf_config.vocab_size, context)
 

@@ -52,7 +52,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.model = loader.build_model(hf_config, dtype, self.device, max_model_len)
-        if config.prefill_attention == "fp8":
+        if config.prefill_attention != "bf16":
             self._check_fp8_prefill_attention()
         if config.load_format == "dummy":
             loader.init_dummy_weights(self.model, config.seed)
@@ -84,13 +84,14 @@ class ModelRunner:
                 logger.warning("prefill CUDA graphs disabled, capture failed: %s", e)
 
     def _check_fp8_prefill_attention(self):
-        """The FP8 prefill kernel's limits, said at startup rather than at the first long prompt."""
+        """The FP8 prefill kernels' limits (both take head_dim 64 or 128), said at startup rather than at the first
+        long prompt."""
         from mixquant.kernels.fp8_attention import HEAD_DIMS
 
         head_dim = self.model.attention_layers()[0].head_dim
         if head_dim not in HEAD_DIMS or self.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"prefill_attention='fp8' needs head_dim in {HEAD_DIMS} and a 16-bit dtype; this model "
-                             f"has head_dim {head_dim}, dtype {self.dtype}")
+            raise ValueError(f"prefill_attention={self.config.prefill_attention!r} needs head_dim in {HEAD_DIMS} and "
+                             f"a 16-bit dtype; this model has head_dim {head_dim}, dtype {self.dtype}")
 
     # ---- KV cache -------------------------------------------------------------------------------------------
 
@@ -150,7 +151,8 @@ class ModelRunner:
         positions = torch.arange(num_tokens, device=self.device)
         ctx = ForwardContext(num_prefill_rows=num_tokens, slot_mapping=positions,
                              segments=[AttentionSegment(0, num_tokens, 0, torch.arange(1, device=self.device))],
-                             prefill_attention=self.config.prefill_attention)
+                             prefill_attention=self.config.prefill_attention,
+                             fp8_attention_min_tokens=self.config.fp8_attention_min_tokens)
         with torch.inference_mode(), forward_context(ctx):
             hidden = self.model(ids, positions)
             self.model.compute_logits(hidden[-self.config.max_num_seqs:])
@@ -222,7 +224,8 @@ class ModelRunner:
                                      torch.tensor(seg.seq.block_table, device=dev))
                     for start, seg in zip(row_starts[:tail], ordered[:tail])]
         ctx = ForwardContext(num_prefill, slot_mapping, segments=segments or None, block_tables=tables,
-                             context_lens=lens, prefill_attention=self.config.prefill_attention)
+                             context_lens=lens, prefill_attention=self.config.prefill_attention,
+                             fp8_attention_min_tokens=self.config.fp8_attention_min_tokens)
         return StepInputs(torch.tensor(input_ids, dtype=torch.long, device=dev),
                           torch.tensor(positions, dtype=torch.long, device=dev), ctx, sample_rows, prompt_rows,
                           {phase: sum(seg.end - seg.start for segs in by_phase for seg in segs if seg.phase is phase)

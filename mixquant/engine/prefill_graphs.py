@@ -107,7 +107,8 @@ class PrefillGraphs:
         # padding rows write their K/V to the scratch slot and are in no attention segment
         slots = torch.full((n,), self.scratch_slot, dtype=torch.long, device=input_ids.device)
         slots[:rows] = ctx.slot_mapping[:rows]
-        padded = ForwardContext(n, slots, segments=ctx.segments, prefill_attention=ctx.prefill_attention)
+        padded = ForwardContext(n, slots, segments=ctx.segments, prefill_attention=ctx.prefill_attention,
+                                fp8_attention_min_tokens=ctx.fp8_attention_min_tokens)
         with forward_context(padded):
             self._run_piece(0, n)
             for index, layer in enumerate(self.layers):

@@ -22,23 +22,23 @@ class TorchAttentionBackend:
             return self._decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
         out = torch.empty_like(q)
         for seg in ctx.segments:
-            # rows are laid out [prefill | decode]: only prefill segments may take the FP8 path
-            fp8 = ctx.prefill_attention == "fp8" and seg.row_end <= ctx.num_prefill_rows
-            out[seg.row_start:seg.row_end] = self._segment(q, k, v, k_cache, v_cache, seg, scale, fp8)
+            # rows are laid out [prefill | decode]: only prefill segments may take an FP8 path, long enough ones
+            fp8 = (seg.row_end <= ctx.num_prefill_rows
+                   and seg.row_end - seg.row_start >= ctx.fp8_attention_min_tokens)
+            attention = ctx.prefill_attention if fp8 else "bf16"
+            out[seg.row_start:seg.row_end] = self._segment(q, k, v, k_cache, v_cache, seg, scale, attention)
         if ctx.context_lens is not None:  # the decode rows beside a prefill: one batched read of the paged cache
             tail = q.shape[0] - ctx.context_lens.shape[0]
             out[tail:] = self._decode(q[tail:], k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
         return out
 
     @staticmethod
-    def _segment(q, k, v, k_cache, v_cache, seg: AttentionSegment, scale: float, fp8: bool = False) -> torch.Tensor:
+    def _segment(q, k, v, k_cache, v_cache, seg: AttentionSegment, scale: float,
+                 attention: str = "bf16") -> torch.Tensor:
         rows = slice(seg.row_start, seg.row_end)
         n = seg.row_end - seg.row_start
-        if fp8 and seg.context_start == 0 and q.is_cuda:
-            # FP8 operands for both products, FP32 accumulation (EngineConfig.prefill_attention="fp8")
-            from mixquant.kernels.fp8_attention import fp8_prefill_attention
-
-            return fp8_prefill_attention(q[rows], k[rows], v[rows], scale)
+        if attention != "bf16" and seg.context_start == 0 and q.is_cuda:
+            return _fp8_prefill(attention)(q[rows], k[rows], v[rows], scale)
         # 4-D [1, heads, n, dim] views: the layout SDPA's flash/cuDNN kernels take (3-D [heads, n, dim] inputs
         # fall back to the math kernel, 40x slower on an H100 at 4k tokens)
         q_seg = _heads_first(q[rows])
@@ -72,6 +72,18 @@ class TorchAttentionBackend:
         out = F.scaled_dot_product_attention(q.unsqueeze(2), k_ctx, v_ctx, attn_mask=mask, scale=scale,
                                              enable_gqa=True)
         return out.squeeze(2)
+
+
+def _fp8_prefill(attention: str):
+    """The FP8 causal attention of EngineConfig.prefill_attention: "fp8" our Triton kernel (per-tile scales, FP32
+    sums of every PV tile), "fp8-cudnn" cuDNN's fused FP8 flash attention (per-tensor scales)."""
+    if attention == "fp8-cudnn":
+        from mixquant.kernels.cudnn_attention import cudnn_fp8_prefill_attention
+
+        return cudnn_fp8_prefill_attention
+    from mixquant.kernels.fp8_attention import fp8_prefill_attention
+
+    return fp8_prefill_attention
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:

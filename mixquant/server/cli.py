@@ -63,9 +63,11 @@ def register(subparsers):
                         help="precision of prompt tokens (auto: nvfp4 on Blackwell, fp8 on Ada/Hopper, else bf16)")
     engine.add_argument("--decode-precision", default="bf16", choices=PRECISIONS,
                         help="precision of generated tokens")
-    engine.add_argument("--prefill-attention", default="bf16", choices=PREFILL_ATTENTIONS,
-                        help="attention of uncached prompt tokens: bf16 (SDPA) or fp8 (FP8 Triton kernel; CUDA "
-                             "compute capability >= 8.9)")
+    engine.add_argument("--prefill-attention", default="auto", choices=PREFILL_ATTENTIONS,
+                        help="attention of uncached prompt tokens: auto (fp8-cudnn for fp8 prefill segments of "
+                             "8,192 tokens or more where cuDNN can run it, else bf16), bf16 (SDPA), fp8 (FP8 Triton "
+                             "kernel, per-tile scales; CUDA compute capability >= 8.9) or fp8-cudnn (cuDNN's FP8 flash "
+                             "attention, per-tensor scales; >= 9.0, pip install 'mixquant[cudnn]')")
     engine.add_argument("--dtype", default="auto")
     engine.add_argument("--device", default="auto")
     engine.add_argument("--max-model-len", type=int)
@@ -136,7 +138,9 @@ def startup_line(engine, config, host: str, port: int) -> str:
     precisions = engine.config.describe_precisions()
     nvfp4 = f"NVFP4 {precisions['nvfp4']}" if precisions["nvfp4"] else "NVFP4 unused"
     names = ", ".join(config.served_model_names)
-    attention = " | prefill attention fp8" if engine.config.prefill_attention == "fp8" else ""
+    attention, min_tokens = engine.config.prefill_attention, engine.config.fp8_attention_min_tokens
+    attention = (f" | prefill attention {attention}{f' from {min_tokens:,} tokens' if min_tokens else ''}"
+                 if attention != "bf16" else "")
     return (f"mixquant serve: {names} ({config.model_path}) | prefill {precisions['prefill_precision']} "
             f"({precisions['prefill_kernels']}){attention} | decode {precisions['decode_precision']} "
             f"({precisions['decode_kernels']}) | {nvfp4} | KV cache {engine.kv_cache_tokens():,} tokens | "

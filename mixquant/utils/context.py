@@ -30,8 +30,10 @@ class ForwardContext:
     # decode-only step (no segments) that is every row, in tensors of fixed shape a CUDA graph can capture.
     block_tables: torch.Tensor | None = None  # [decode rows, max_blocks]
     context_lens: torch.Tensor | None = None  # [decode rows]
-    # EngineConfig.prefill_attention: "fp8" runs prefill segments with nothing cached through the FP8 kernel
+    # EngineConfig.prefill_attention: "fp8" / "fp8-cudnn" run prefill segments with nothing cached in FP8, those of
+    # fp8_attention_min_tokens or more (EngineConfig.fp8_attention_min_tokens)
     prefill_attention: str = "bf16"
+    fp8_attention_min_tokens: int = 0
 
     @property
     def decode_only(self) -> bool:

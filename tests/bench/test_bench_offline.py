@@ -52,4 +52,4 @@ def test_unknown_prefill_attention_is_named(tiny_qwen3, capsys):
 
     with pytest.raises(SystemExit):
         main(["bench", "prefill", "--model", str(tiny_qwen3), "--prefill-attention", "bf16,fp16"])
-    assert "'bf16,fp16': each prefill attention must be one of bf16, fp8" in capsys.readouterr().err
+    assert "'bf16,fp16': each prefill attention must be one of auto, bf16, fp8, fp8-cudnn" in capsys.readouterr().err

@@ -76,7 +76,8 @@ def test_bad_engine_options(tiny_qwen3, kwargs, field):
 
 @pytest.mark.parametrize("value,message", [
     ("fp8", r"prefill_attention='fp8' needs a CUDA GPU of compute capability >= 8\.9.*device cpu has no CUDA device"),
-    ("fp16", r"prefill_attention='fp16' is not one of bf16, fp8")])
+    ("fp8-cudnn", r"prefill_attention='fp8-cudnn' cannot run: (the cuDNN frontend is not installed|it needs a CUDA GPU)"),
+    ("fp16", r"prefill_attention='fp16' is not one of auto, bf16, fp8, fp8-cudnn")])
 def test_prefill_attention_is_checked(tiny_qwen3, value, message):
     with pytest.raises(ValueError, match=message):
         LLM(str(tiny_qwen3), device="cpu", prefill_attention=value)

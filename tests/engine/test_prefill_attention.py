@@ -8,38 +8,60 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mixquant.config import AUTO_FP8_ATTENTION_MIN_TOKENS
 from mixquant.layers.attention import TorchAttentionBackend
 from mixquant.utils.context import AttentionSegment, ForwardContext
 
 
-def step(prefill_attention: str):
+def step(prefill_attention: str, min_tokens: int = 0):
     """Rows [prefill of a fresh sequence (5) | decode token of a cached one (1) | decode token at position 0 (1)]."""
     table = torch.arange(4)
     segments = [AttentionSegment(0, 5, 0, table), AttentionSegment(5, 6, 9, table), AttentionSegment(6, 7, 0, table)]
     return ForwardContext(num_prefill_rows=5, slot_mapping=torch.zeros(7, dtype=torch.long), segments=segments,
-                          prefill_attention=prefill_attention)
+                          prefill_attention=prefill_attention, fp8_attention_min_tokens=min_tokens)
 
 
-@pytest.mark.parametrize("prefill_attention,expected", [("bf16", [False, False, False]),
-                                                        ("fp8", [True, False, False])])
-def test_only_prefill_segments_are_offered_the_fp8_path(monkeypatch, prefill_attention, expected):
+@pytest.mark.parametrize("prefill_attention,min_tokens,expected", [("bf16", 0, ["bf16", "bf16", "bf16"]),
+                                                                   ("fp8", 0, ["fp8", "bf16", "bf16"]),
+                                                                   ("fp8-cudnn", 0, ["fp8-cudnn", "bf16", "bf16"]),
+                                                                   ("fp8-cudnn", 5, ["fp8-cudnn", "bf16", "bf16"]),
+                                                                   ("fp8-cudnn", 6, ["bf16", "bf16", "bf16"])])
+def test_only_prefill_segments_are_offered_the_fp8_path(monkeypatch, prefill_attention, min_tokens, expected):
     offered = []
 
-    def record(q, k, v, k_cache, v_cache, seg, scale, fp8=False):
-        offered.append(fp8)
+    def record(q, k, v, k_cache, v_cache, seg, scale, attention="bf16"):
+        offered.append(attention)
         return q[seg.row_start:seg.row_end]
 
     monkeypatch.setattr(TorchAttentionBackend, "_segment", staticmethod(record))
     q = torch.randn(7, 4, 16)
-    TorchAttentionBackend().forward(q, q[:, :2], q[:, :2], None, None, step(prefill_attention), 0.25)
+    TorchAttentionBackend().forward(q, q[:, :2], q[:, :2], None, None, step(prefill_attention, min_tokens), 0.25)
     assert offered == expected
 
 
-def test_on_the_cpu_the_fp8_flag_changes_nothing():
+@pytest.mark.parametrize("prefill_precision,asked,cudnn_runs,resolved,min_tokens", [
+    ("fp8", "auto", True, "fp8-cudnn", AUTO_FP8_ATTENTION_MIN_TOKENS),
+    ("fp8", "auto", False, "bf16", 0),  # no cuDNN frontend, or a GPU older than Hopper
+    ("bf16", "auto", True, "bf16", 0),  # the BF16 baseline keeps BF16 attention
+    ("nvfp4", "auto", True, "bf16", 0),  # NVFP4 studies keep the attention the paper's pipeline has
+    ("fp8", "fp8-cudnn", True, "fp8-cudnn", 0),  # asked for by name: every fresh prefill segment
+])
+def test_auto_prefill_attention_is_cudnn_fp8_for_long_fp8_prefills_only(tiny_qwen3, monkeypatch, prefill_precision,
+                                                                         asked, cudnn_runs, resolved, min_tokens):
+    from mixquant import config
+
+    monkeypatch.setattr(config, "fp8_cudnn_unavailable_reason", lambda device: None if cudnn_runs else "no cuDNN")
+    engine_config = config.EngineConfig(model=str(tiny_qwen3), device="cpu", prefill_precision=prefill_precision,
+                                        prefill_attention=asked)
+    assert (engine_config.prefill_attention, engine_config.fp8_attention_min_tokens) == (resolved, min_tokens)
+
+
+@pytest.mark.parametrize("prefill_attention", ["fp8", "fp8-cudnn"])
+def test_on_the_cpu_the_fp8_flag_changes_nothing(prefill_attention):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(7, heads, 16, generator=g) for heads in (4, 2, 2))
     k_cache = torch.randn(4, 4, 2, 16, generator=g)  # [blocks, block_size, kv_heads, dim]: positions 0..15
     v_cache = torch.randn(4, 4, 2, 16, generator=g)
     backend = TorchAttentionBackend()
-    assert torch.equal(backend.forward(q, k, v, k_cache, v_cache, step("fp8"), 0.25),
+    assert torch.equal(backend.forward(q, k, v, k_cache, v_cache, step(prefill_attention), 0.25),
                        backend.forward(q, k, v, k_cache, v_cache, step("bf16"), 0.25))
