@@ -2,12 +2,15 @@
 # Agentic replay against mixquant serve, one server per precision pair, on the Qwen3-8B shape (random weights).
 #   bash gpu_tests/bench_serve.sh OUT_DIR [bench serve flags...]
 # Needs .carry/server-wheels (fastapi and what it needs beyond the device image: starlette, pydantic, pydantic_core,
-# annotated_types, typing_inspection, typing_extensions, opentelemetry_api, uvicorn) and .carry/qwen3-tokenizer.
+# annotated_types, typing_inspection, typing_extensions, opentelemetry_api, uvicorn, h11, click) and
+# .carry/qwen3-tokenizer; with .carry/cudnn-wheels (cudnn-frontend) the fp8/bf16 server's default prefill attention
+# takes cuDNN's FP8 attention for uncached segments of 8,192 tokens or more.
 set -uo pipefail
 out=${1:?usage: bench_serve.sh OUT_DIR [flags]}
 shift
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/server-wheels/*.whl >/dev/null || exit 1
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/server-wheels/*.whl \
+  $(ls .carry/cudnn-wheels/*.whl 2>/dev/null) >/dev/null || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 shape=$(python3 -c "from mixquant.bench.shapes import shape_dir; print(shape_dir('qwen3-8b'))")
 status=0

@@ -118,9 +118,12 @@ def check_fp8_attention(workdir: Path, layers: int, lengths=(8192, 16384)) -> li
         logits = {}
         for name, prefill, attention in (("bf16/bf16", "bf16", "bf16"), ("fp8/bf16", "fp8", "bf16"),
                                          ("fp8/bf16 fp8-cudnn", "fp8", "fp8-cudnn")):
+            # eager: CUDA graphs change nothing here and their capture would take most of the check's time
             llm = LLM(str(path), prefill_precision=prefill, decode_precision="bf16", prefill_attention=attention,
-                      max_model_len=tokens + 64, max_num_batched_tokens=tokens, gpu_memory_utilization=0.5)
-            logits[name] = engine_prompt_logits(llm.engine, ids)[:-1].cpu()  # the prefill rows (the last: bf16)
+                      max_model_len=tokens + 64, max_num_batched_tokens=tokens, gpu_memory_utilization=0.5,
+                      enforce_eager=True)
+            # every 4th of the prefill rows (the last row is the decode token's), to keep the copies small
+            logits[name] = engine_prompt_logits(llm.engine, ids)[:-1:4].float().cpu()
             del llm
             gc.collect()
             torch.cuda.empty_cache()

@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one device call: correctness first, then every timing, all into one folder.
 #   bash gpu_tests/run_suite.sh OUT_DIR [quick]
-# Needs the Qwen3 tokenizer copied to .carry/qwen3-tokenizer (../shared does not travel to the device).
+# Needs the Qwen3 tokenizer copied to .carry/qwen3-tokenizer (../shared does not travel to the device); with the
+# cudnn-frontend wheel in .carry/cudnn-wheels (pip download nvidia-cudnn-frontend==1.16.0 for the device's Python)
+# it also checks cuDNN's FP8 attention and the default prefill attention takes it.
 set -uo pipefail
 out=${1:?usage: run_suite.sh OUT_DIR}
 mode=${2:-full}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+attentions=bf16,fp8
+if ls .carry/cudnn-wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/cudnn-frontend .carry/cudnn-wheels/*.whl >/dev/null
+  export PYTHONPATH=$PYTHONPATH:/tmp/cudnn-frontend
+  attentions=bf16,fp8,fp8-cudnn
+fi
 status=0
 step() { echo "=== $*"; "$@" || status=1; }
 
 OUT="$out" step python3 gpu_tests/check_kernels.py
+[ $attentions = bf16,fp8 ] || { mkdir -p "$out/cudnn"; OUT="$out/cudnn" step python3 gpu_tests/check_kernels.py --only fp8-cudnn; }
 step python3 gpu_tests/check_engine.py --out "$out"
 if [ "$mode" = quick ]; then
   contexts=2048,8192; batches=1,32
@@ -20,7 +29,7 @@ fi
 step python3 -m mixquant.cli bench prefill --pairs bf16/bf16,fp8/bf16,nvfp4/bf16 --contexts $contexts \
   --compare transformers --repeats 3 --output-dir "$out/prefill"
 [ "$mode" = quick ] || step python3 -m mixquant.cli bench prefill --pairs bf16/bf16,fp8/bf16 \
-  --prefill-attention bf16,fp8 --contexts 4096,32768 --repeats 2 --output-dir "$out/prefill-attention"
+  --prefill-attention $attentions --contexts 4096,32768 --repeats 2 --output-dir "$out/prefill-attention"
 [ "$mode" = quick ] || step python3 -m mixquant.cli bench prefill --yarn --pairs bf16/bf16,fp8/bf16 \
   --contexts 131000 --repeats 1 --output-dir "$out/prefill-128k"
 step python3 -m mixquant.cli bench decode --pairs bf16/bf16,fp8/bf16,nvfp4/bf16 --batches $batches \
