@@ -26,10 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from mixquant.kernels.fp8_attention import check_prefill_inputs
 from mixquant.kernels.quant import _quantize, _row_scale
 from mixquant.quantization.fp8 import _ZERO_ROW_SCALE, FP8_DTYPE, FP8_MAX
 
-HEAD_DIMS = (64, 128)
 _TILE_ROWS, _TILE_COLS = 16, 1024
 
 
@@ -182,20 +182,13 @@ def cudnn_fp8_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     q [T, q_heads, D], k and v [T, kv_heads, D], one 16-bit dtype; query head h reads KV head
     h // (q_heads // kv_heads); query i attends to keys 0..i.
     """
-    import cudnn
-
+    check_prefill_inputs(q, k, v)
     tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    if k.shape != v.shape or k.shape[0] != tokens or k.shape[2] != head_dim:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [{tokens}, kv_heads, {head_dim}]")
-    if q_heads % kv_heads:
-        raise ValueError(f"{q_heads} query heads do not split into {kv_heads} KV head groups")
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"head_dim {head_dim} is not supported; use one of {HEAD_DIMS}")
-    if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"q, k and v must share a 16-bit float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if tokens == 0:
         return torch.empty_like(q)
+    import cudnn
+
     rows = padded_tokens(tokens)
     plan = _plan(rows, q_heads, kv_heads, head_dim, float(scale), q.device.index)
     (q8, q_scale), (k8, k_scale), (v8, v_scale) = (quantize_tensor_fp8(x, rows) for x in (q, k, v))

@@ -180,14 +180,9 @@ def _fp8_prefill_kernel(q_ptr, k8_ptr, vt8_ptr, k_scale_ptr, v_scale_ptr, out_pt
     tl.store(out + HEAD_DIM // 2, (acc1 / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
-def fp8_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                          out: torch.Tensor | None = None, *, config: PrefillConfig = PrefillConfig()) -> torch.Tensor:
-    """Causal softmax(q k^T * scale) v of one sequence's fresh tokens with FP8 operands; returns out [T, q_heads, D].
-
-    q [T, q_heads, D], k and v [T, kv_heads, D], 16-bit, last dim contiguous (token and head strides free, e.g.
-    views into a fused qkv row); query head h reads KV head h // (q_heads // kv_heads). D is 64 or 128. Query i
-    attends to keys 0..i. `out`, if given (q's shape and dtype, last dim contiguous), receives the result.
-    """
+def check_prefill_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """What both FP8 prefill attentions take: q [T, q_heads, D], k and v [T, kv_heads, D], kv_heads dividing
+    q_heads, D in HEAD_DIMS, one 16-bit dtype."""
     tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     if k.shape != v.shape or k.shape[0] != tokens or k.shape[2] != head_dim:
@@ -198,6 +193,19 @@ def fp8_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
         raise ValueError(f"head_dim {head_dim} is not supported; use one of {HEAD_DIMS}")
     if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"q, k and v must share a 16-bit float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def fp8_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          out: torch.Tensor | None = None, *, config: PrefillConfig = PrefillConfig()) -> torch.Tensor:
+    """Causal softmax(q k^T * scale) v of one sequence's fresh tokens with FP8 operands; returns out [T, q_heads, D].
+
+    q [T, q_heads, D], k and v [T, kv_heads, D], 16-bit, last dim contiguous (token and head strides free, e.g.
+    views into a fused qkv row); query head h reads KV head h // (q_heads // kv_heads). D is 64 or 128. Query i
+    attends to keys 0..i. `out`, if given (q's shape and dtype, last dim contiguous), receives the result.
+    """
+    check_prefill_inputs(q, k, v)
+    tokens, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mixquant import config
-from mixquant.kernels.cudnn_attention import (cudnn_fp8_attention_reference, dequantize_tensor_fp8, padded_tokens,
-                                              quantize_tensor_fp8)
+from mixquant.kernels.cudnn_attention import (cudnn_fp8_attention_reference, cudnn_fp8_prefill_attention,
+                                              dequantize_tensor_fp8, padded_tokens, quantize_tensor_fp8)
 from mixquant.quantization.fp8 import _ZERO_ROW_SCALE, FP8_DTYPE, FP8_MAX
 from tests.kernels.test_fp8_attention import exact_attention, make_qkv, rel_err
 
@@ -75,6 +75,20 @@ def test_unavailable_reasons_name_the_problem(monkeypatch):
     assert "compute capability >= 9.0" in config.fp8_cudnn_unavailable_reason(torch.device("cuda"))
     monkeypatch.setattr(config, "compute_capability", lambda device: (9, 0))
     assert config.fp8_cudnn_unavailable_reason(torch.device("cuda")) is None
+
+
+@pytest.mark.parametrize("shapes,message", [(((4, 8, 64), (4, 3, 64), (4, 3, 64)), "do not split into 3"),
+                                            (((4, 8, 96), (4, 2, 96), (4, 2, 96)), "head_dim 96 is not supported"),
+                                            (((4, 8, 64), (5, 2, 64), (5, 2, 64)), r"must be \[4, kv_heads, 64\]")])
+def test_bad_inputs_are_named_before_cudnn_is_needed(shapes, message):
+    q, k, v = (torch.zeros(shape, dtype=torch.bfloat16) for shape in shapes)
+    with pytest.raises(ValueError, match=message):
+        cudnn_fp8_prefill_attention(q, k, v, 0.125)
+
+
+def test_no_tokens_give_an_empty_output():
+    q, kv = torch.zeros(0, 8, 64, dtype=torch.bfloat16), torch.zeros(0, 2, 64, dtype=torch.bfloat16)
+    assert cudnn_fp8_prefill_attention(q, kv, kv, 0.125).shape == (0, 8, 64)
 
 
 @pytest.mark.parametrize("tokens", [17, 300])
