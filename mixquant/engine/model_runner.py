@@ -93,6 +93,11 @@ class ModelRunner:
             raise ValueError(f"prefill_attention={self.config.prefill_attention!r} needs head_dim in {HEAD_DIMS} and "
                              f"a 16-bit dtype; this model has head_dim {head_dim}, dtype {self.dtype}")
 
+    def _prefill_attention(self) -> dict:
+        """The ForwardContext fields that say which prefill segments attend in FP8 (EngineConfig decides)."""
+        return dict(prefill_attention=self.config.prefill_attention,
+                    fp8_attention_min_tokens=self.config.fp8_attention_min_tokens)
+
     # ---- KV cache -------------------------------------------------------------------------------------------
 
     def kv_bytes_per_block(self) -> int:
@@ -151,8 +156,7 @@ class ModelRunner:
         positions = torch.arange(num_tokens, device=self.device)
         ctx = ForwardContext(num_prefill_rows=num_tokens, slot_mapping=positions,
                              segments=[AttentionSegment(0, num_tokens, 0, torch.arange(1, device=self.device))],
-                             prefill_attention=self.config.prefill_attention,
-                             fp8_attention_min_tokens=self.config.fp8_attention_min_tokens)
+                             **self._prefill_attention())
         with torch.inference_mode(), forward_context(ctx):
             hidden = self.model(ids, positions)
             self.model.compute_logits(hidden[-self.config.max_num_seqs:])
@@ -224,8 +228,7 @@ class ModelRunner:
                                      torch.tensor(seg.seq.block_table, device=dev))
                     for start, seg in zip(row_starts[:tail], ordered[:tail])]
         ctx = ForwardContext(num_prefill, slot_mapping, segments=segments or None, block_tables=tables,
-                             context_lens=lens, prefill_attention=self.config.prefill_attention,
-                             fp8_attention_min_tokens=self.config.fp8_attention_min_tokens)
+                             context_lens=lens, **self._prefill_attention())
         return StepInputs(torch.tensor(input_ids, dtype=torch.long, device=dev),
                           torch.tensor(positions, dtype=torch.long, device=dev), ctx, sample_rows, prompt_rows,
                           {phase: sum(seg.end - seg.start for segs in by_phase for seg in segs if seg.phase is phase)

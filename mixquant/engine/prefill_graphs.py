@@ -12,6 +12,8 @@ it (model_runner.py). Without CUDA (tests) the same pieces run eagerly through t
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from mixquant.utils.context import ForwardContext, forward_context
@@ -107,8 +109,8 @@ class PrefillGraphs:
         # padding rows write their K/V to the scratch slot and are in no attention segment
         slots = torch.full((n,), self.scratch_slot, dtype=torch.long, device=input_ids.device)
         slots[:rows] = ctx.slot_mapping[:rows]
-        padded = ForwardContext(n, slots, segments=ctx.segments, prefill_attention=ctx.prefill_attention,
-                                fp8_attention_min_tokens=ctx.fp8_attention_min_tokens)
+        # the step's context for its prefill rows only: the decode tail replays the decode graphs afterwards
+        padded = replace(ctx, num_prefill_rows=n, slot_mapping=slots, block_tables=None, context_lens=None)
         with forward_context(padded):
             self._run_piece(0, n)
             for index, layer in enumerate(self.layers):
