@@ -2,6 +2,7 @@
 
 Usage: PYTHONPATH=. python3 gpu_tests/profile_engine.py [--pairs bf16/bf16,fp8/bf16] [--context 4096] [--quick]
        [--graphs] [--cached-attention]
+       PYTHONPATH=. python3 gpu_tests/profile_engine.py --breakdown 2048,4096,8192 [--pairs ...] [--out DIR]
 (carry .carry/qwen3-tokenizer)
 """
 from __future__ import annotations
@@ -215,6 +216,100 @@ def profile_pair(path, pair: str, context: int, eager: bool = True):
     torch.cuda.empty_cache()
 
 
+# First match wins: GEMMs with an 8-row tile are the decode rows' GEMVs (the prompt's last token, by the phase rule).
+KERNEL_KINDS = (
+    ("GEMM fp8", ("qqtst", "e4m3", "f8f8")),
+    ("GEMV (decode rows)", ("x8_",)),
+    ("GEMM 16-bit", ("nvjet", "gemm", "cutlass", "xmma")),
+    ("attention decode", ("_decode_split", "_merge_kernel")),
+    ("attention quant/dequant", ("_amax_kernel", "_quantize_tensor", "_dequantize_kernel", "_quantize_blocks")),
+    ("attention", ("sdpa", "flash", "fmha", "attention", "_fp8_prefill")),
+    ("activation quant", ("_per_token_quant",)),
+    ("QK-norm + RoPE", ("_norm_rope", "rotary", "rope")),
+    ("norms", ("rsqrt", "rms")),
+    ("SiLU-and-mul", ("silu",)),
+    ("KV write / copies", ("memcpy", "copy", "index", "fill", "cat", "elementwise")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other")
+
+
+def step_breakdown(engine, ids: list[int], repeats: int = 3) -> dict:
+    """One prefill step (max_tokens=1, as `mixquant bench prefill` times it): its wall time without the profiler
+    (median of `repeats`), then, under torch.profiler, its GPU kernels summed by kind and the GPU's busy time (the
+    union of kernel intervals), whose gap to the wall time is host-bound idling."""
+    def one_step():
+        engine.add_request("b", ids, SamplingParams(max_tokens=1, ignore_eos=True))
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    one_step()
+    wall = sorted(one_step() for _ in range(repeats))[repeats // 2]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        profiled_wall = one_step()
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    kinds: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for e in kernels:
+        us = e.time_range.elapsed_us()
+        kinds[kernel_kind(e.name)] = kinds.get(kernel_kind(e.name), 0.0) + us / 1e3
+        top[e.name] = top.get(e.name, 0.0) + us / 1e3
+    busy, end, gaps, previous = 0.0, kernels[0].time_range.start, [], kernels[0].name
+    for e in kernels:
+        start, stop = max(e.time_range.start, end), e.time_range.end
+        if e.time_range.start > end:
+            gaps.append(((e.time_range.start - end) / 1e3, previous, e.name))
+        if stop > start:
+            busy += (stop - start) / 1e3
+        if stop >= end:
+            end, previous = stop, e.name
+    span = (end - kernels[0].time_range.start) / 1e3
+    return {"tokens": len(ids), "wall_ms": wall * 1e3, "gpu_busy_ms": busy, "kernel_ms": kinds,
+            # the profiled step's wall time outside the span of its kernels: before the first, after the last
+            "profiled_wall_ms": profiled_wall * 1e3, "outside_kernel_span_ms": profiled_wall * 1e3 - span,
+            "largest_gaps": [{"ms": ms, "after": a[:90], "before": b[:90]} for ms, a, b in sorted(gaps)[::-1][:6]],
+            "gaps_ms": sum(g[0] for g in gaps),
+            "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:12])}
+
+
+def breakdown(path, pairs: list[str], contexts: list[int], out: str | None):
+    """Per pair, one engine as the prefill benchmark builds it, each context's step broken down by kernel kind."""
+    import json
+
+    from mixquant.bench.offline import _engine, _release_memory
+
+    results = []
+    for pair in pairs:
+        engine = _engine(str(path), pair, max(contexts) + 16, max(contexts), 4, None, eager=False)
+        for context in contexts:
+            ids = torch.randint(0, 150000, (context,), generator=torch.Generator().manual_seed(context)).tolist()
+            result = {"pair": pair, **step_breakdown(engine, ids)}
+            results.append(result)
+            print(f"\n=== {pair} {context} tokens: step {result['wall_ms']:.1f} ms "
+                  f"({context / result['wall_ms'] * 1e3:,.0f} tok/s), GPU busy {result['gpu_busy_ms']:.1f} ms; "
+                  f"profiled step {result['profiled_wall_ms']:.1f} ms = kernel span + "
+                  f"{result['outside_kernel_span_ms']:.1f} ms outside it; gaps inside {result['gaps_ms']:.2f} ms")
+            for gap in result["largest_gaps"]:
+                print(f"  gap {gap['ms']:6.3f} ms after {gap['after'][:50]} before {gap['before'][:50]}")
+            for kind, ms in sorted(result["kernel_ms"].items(), key=lambda kv: -kv[1]):
+                print(f"  {kind:26} {ms:8.2f} ms")
+            for name, ms in result["top_kernels_ms"].items():
+                print(f"    {ms:8.2f} ms  {name[:110]}")
+        del engine
+        _release_memory()
+    if out:
+        with open(f"{out}/breakdown.json", "w") as f:
+            json.dump(results, f, indent=1)
+
+
 def transformers_prefill(path, context: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -241,6 +336,9 @@ def main():
                         help="profile the engine with its CUDA graphs (prefill pieces and decode) instead of eagerly")
     parser.add_argument("--cached-attention", action="store_true",
                         help="only time attention for chunks after a cached prefix")
+    parser.add_argument("--breakdown", default=None,
+                        help="comma-separated contexts: break each one's prefill step down by kernel kind")
+    parser.add_argument("--out", default=None, help="with --breakdown: write breakdown.json here")
     args = parser.parse_args()
     if args.cached_attention:
         for new, cached in ((1536, 8192), (1536, 16384), (4096, 4096)):
@@ -249,11 +347,14 @@ def main():
     import tempfile
     from pathlib import Path
 
-    if not args.quick:
+    if not (args.quick or args.breakdown):
         for n in (4096, 32768):
             attention_variants(n)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_config_dir(Path(tmp) / "q8b")
+        if args.breakdown:
+            breakdown(path, args.pairs.split(","), [int(c) for c in args.breakdown.split(",")], args.out)
+            return
         if not args.quick:
             transformers_prefill(path, args.context)
         for pair in args.pairs.split(","):

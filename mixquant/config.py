@@ -19,9 +19,11 @@ PRECISIONS: tuple[str, ...] = ("bf16", "fp8", "nvfp4")
 # (mixquant/kernels/fp8_attention.py: per-tile scales) or cuDNN's FP8 flash attention
 # (mixquant/kernels/cudnn_attention.py: per-tensor scales). Decode and cached-prefix segments always attend in the
 # model dtype. "auto" picks cuDNN's where it is faster: fp8 prefill, segments of AUTO_FP8_ATTENTION_MIN_TOKENS or
-# more (H200: 1.01x SDPA's speed at 4,096 tokens, 1.35x at 8,192, 1.63x at 131,072; docs/benchmarks.md).
+# more (H200: 1.01x SDPA's speed at 4,096 tokens, 1.35x at 8,192, 1.63x at 131,072; docs/benchmarks.md). In the
+# engine's fp8/bf16 prefill it lost at 6,144 tokens (0.97x) and won at 8,191 (1.04x: the prefill segment of an
+# 8,192-token prompt, whose last token is a decode row), hence the threshold between them.
 PREFILL_ATTENTIONS: tuple[str, ...] = ("auto", "bf16", "fp8", "fp8-cudnn")
-AUTO_FP8_ATTENTION_MIN_TOKENS = 8192
+AUTO_FP8_ATTENTION_MIN_TOKENS = 7168
 
 
 class Phase(str, Enum):
