@@ -21,7 +21,7 @@
    tokens (one key made to match one query: that query's output must be the key's value, as with SDPA); then
    do_bench medians against SDPA at 4k-128k in TFLOP/s, and a sweep of tile shapes at 32k. About a minute.
 
-Usage: PYTHONPATH=. python3 gpu_tests/check_kernels.py [--only fp8-prefill|gated-quant|norm-rope] [--fp8-tile 128x128x8x3]
+Usage: PYTHONPATH=. python3 gpu_tests/check_kernels.py [--only fp8-prefill|gated-quant|norm-rope|norm-quant] [--fp8-tile 128x128x8x3]
 (writes $OUT/kernels.json when OUT is set; exit 1 on a failed check; --fp8-tile: the launch shape of section 3)
 """
 from __future__ import annotations
@@ -44,9 +44,9 @@ from mixquant.kernels.cudnn_attention import (cudnn_fp8_attention_reference, cud
 from mixquant.kernels.fp8_attention import (PrefillConfig, fp8_attention_reference, fp8_prefill_attention,
                                             quantize_blocks_fp8)
 from mixquant.kernels.paged_attention import DecodeConfig, default_num_splits, paged_decode_attention
-from mixquant.kernels.quant import per_token_quant_fp8, silu_and_mul_quant_fp8
+from mixquant.kernels.quant import per_token_quant_fp8, rms_norm_quant_fp8, silu_and_mul_quant_fp8
 from mixquant.layers.activation import silu_and_mul
-from mixquant.layers.layernorm import rms_norm
+from mixquant.layers.layernorm import add_rms_norm, rms_norm
 from mixquant.layers.rotary_embedding import _apply as rotate_half
 from mixquant.layers.rotary_embedding import apply_rotary, rotate_eager
 from mixquant.quantization.fp8 import quantize_rowwise
@@ -248,6 +248,64 @@ def check_gated_quant(cases=GATED_CASES) -> list[dict]:
                             max_scale_rel_diff=scale_diff, ok=ok))
         print(f"gated quant M={m} K={k}: bytes different {different:.1e}, max {step_diff} fp8 step(s), scales "
               f"within {scale_diff:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+    return results
+
+
+NORM_QUANT_CASES = [(1, 4096), (7, 4096), (2048, 4096), (8192, 4096), (300, 5120)]
+NORM_QUANT_MAX_DIFFERENT = 1e-3  # fraction of bytes: the sum of squares is reduced in another order than inductor's
+
+
+def norm_quant_inputs(m: int, k: int, seed: int):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(m, k, generator=g, device=DEV, dtype=torch.bfloat16) * 3
+    residual = torch.randn(m, k, generator=g, device=DEV, dtype=torch.bfloat16) * 10
+    weight = (1 + 0.2 * torch.randn(k, generator=g, device=DEV)).to(torch.bfloat16)
+    return x, residual, weight
+
+
+def check_norm_quant(cases=NORM_QUANT_CASES) -> list[dict]:
+    """The fused norm + quantization against what the engine computed before it: the compiled add_rms_norm (or
+    rms_norm), then quantization; the residual sum must be equal."""
+    results = []
+    for i, (m, k) in enumerate(cases):
+        for with_residual in (True, False):
+            x, residual, weight = norm_quant_inputs(m, k, 2500 + i)
+            if with_residual:
+                normed, summed_ref = add_rms_norm(x, residual, weight, 1e-6)
+                q, s, summed = rms_norm_quant_fp8(x, weight, 1e-6, residual)
+                summed_equal = torch.equal(summed, summed_ref)
+            else:
+                normed, summed_equal = rms_norm(x, weight, 1e-6), True
+                q, s, _ = rms_norm_quant_fp8(x, weight, 1e-6)
+            q_ref, s_ref = quantize_rowwise(normed)
+            different = (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
+            step_diff = (q.view(torch.uint8).int() - q_ref.view(torch.uint8).int()).abs().max().item()
+            scale_diff = ((s - s_ref).abs() / s_ref).max().item()
+            ok = (summed_equal and different <= NORM_QUANT_MAX_DIFFERENT and step_diff <= 1
+                  and scale_diff <= 2 ** -7)
+            results.append(dict(m=m, k=k, residual=with_residual, summed_equal=summed_equal,
+                                bytes_different=different, max_fp8_steps=step_diff, max_scale_rel_diff=scale_diff,
+                                ok=ok))
+            print(f"norm quant M={m} K={k} residual={with_residual}: summed equal {summed_equal}, bytes different "
+                  f"{different:.1e}, max {step_diff} fp8 step(s), scales within {scale_diff:.1e} "
+                  f"{'ok' if ok else 'FAIL'}", flush=True)
+    return results
+
+
+def bench_norm_quant(ms=(2048, 8192), k: int = 4096) -> list[dict]:
+    """The norm before the QKV / gate-up projections in fp8 prefill: one fused pass against the two it replaces."""
+    results = []
+    for m in ms:
+        sets = [norm_quant_inputs(m, k, 2600 + i) for i in range(math.ceil(ROTATE_BYTES / (m * k * 4)))]
+        fused = per_call_ms([partial(rms_norm_quant_fp8, x, w, 1e-6, r) for x, r, w in sets])
+        unfused = per_call_ms([lambda x=x, r=r, w=w: per_token_quant_fp8(add_rms_norm(x, r, w, 1e-6)[0])
+                               for x, r, w in sets])
+        nbytes = m * k * (2 + 2 + 2 + 1) + m * 4  # x and residual in, the sum (bf16) and fp8 + scales out
+        results.append(dict(m=m, k=k, fused_ms=fused, fused_gbps=nbytes / fused / 1e6, unfused_ms=unfused,
+                            speedup=unfused / fused))
+        print(f"norm quant M={m} K={k}: fused {fused * 1e3:.1f} us ({nbytes / fused / 1e6:.0f} GB/s), add_rms_norm + "
+              f"quant {unfused * 1e3:.1f} us ({unfused / fused:.2f}x)", flush=True)
+        del sets
     return results
 
 
@@ -657,7 +715,7 @@ def parse_tile(text: str) -> PrefillConfig:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="GPU checks and timings of mixquant.kernels")
-    parser.add_argument("--only", choices=["fp8-prefill", "fp8-cudnn", "gated-quant", "norm-rope"],
+    parser.add_argument("--only", choices=["fp8-prefill", "fp8-cudnn", "gated-quant", "norm-rope", "norm-quant"],
                         help="run one section only")
     parser.add_argument("--fp8-tile", type=parse_tile, default=PrefillConfig(), metavar="MxNxWARPSxSTAGES",
                         help="the fp8 prefill launch shape its checks and timings use (default: PrefillConfig())")
@@ -669,6 +727,10 @@ def main() -> int:
         report["gated_quant_checks"] = check_gated_quant()
         report["gated_quant_timings"] = bench_gated_quant()
         checks += report["gated_quant_checks"]
+    if args.only in (None, "norm-quant"):
+        report["norm_quant_checks"] = check_norm_quant()
+        report["norm_quant_timings"] = bench_norm_quant()
+        checks += report["norm_quant_checks"]
     if args.only in (None, "norm-rope"):
         report["norm_rope_checks"] = check_norm_rope()
         report["norm_rope_timings"] = bench_norm_rope()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -268,25 +268,33 @@ class ModelRunner:
         ctx = inputs.context
         if ctx.decode_only:
             return self._decode_forward(inputs.input_ids, inputs.positions, ctx)
-        if self._prefill_graphs_apply(ctx, inputs.input_ids.shape[0]):
-            split = ctx.num_prefill_rows
-            hidden = self.prefill_graphs.forward(inputs.input_ids, inputs.positions, ctx)
-            if split == inputs.input_ids.shape[0]:
-                return hidden
-            # the decode rows after the prefill rows: they read the K/V the prefill rows have just written
-            decode = ForwardContext(0, ctx.slot_mapping[split:], block_tables=ctx.block_tables,
-                                    context_lens=ctx.context_lens)
-            return torch.cat([hidden, self._decode_forward(inputs.input_ids[split:], inputs.positions[split:],
-                                                           decode)])
-        with forward_context(ctx):
-            return self.model(inputs.input_ids, inputs.positions)
+        split, rows = ctx.num_prefill_rows, inputs.input_ids.shape[0]
+        if not self._decode_tail_apart(ctx, rows):
+            with forward_context(ctx):
+                return self.model(inputs.input_ids, inputs.positions)
+        # the prefill rows alone, all in prefill precision (so the norms may hand FP8 rows to the projections), then
+        # the decode rows, which read the K/V the prefill rows have just written
+        prefill = replace(ctx, slot_mapping=ctx.slot_mapping[:split], block_tables=None, context_lens=None)
+        hidden = self._prefill_forward(inputs.input_ids[:split], inputs.positions[:split], prefill)
+        if split == rows:
+            return hidden
+        decode = ForwardContext(0, ctx.slot_mapping[split:], block_tables=ctx.block_tables,
+                                context_lens=ctx.context_lens)
+        return torch.cat([hidden, self._decode_forward(inputs.input_ids[split:], inputs.positions[split:], decode)])
 
-    def _prefill_graphs_apply(self, ctx: ForwardContext, rows: int) -> bool:
-        """Prefill rows in a captured row count, and every decode row a single token of the batched tail."""
+    @staticmethod
+    def _decode_tail_apart(ctx: ForwardContext, rows: int) -> bool:
+        """Every prefill segment within the first num_prefill_rows rows and every decode row a single token of the
+        batched tail: the layout prepare makes, in which the two kinds of rows can run one after the other."""
         split = ctx.num_prefill_rows
-        return (self.prefill_graphs is not None and split > 0 and self.prefill_graphs.bucket(split) is not None
-                and all(seg.row_end <= split for seg in ctx.segments)
+        return (split > 0 and all(seg.row_end <= split for seg in ctx.segments)
                 and (split == rows or (ctx.context_lens is not None and ctx.context_lens.shape[0] == rows - split)))
+
+    def _prefill_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if self.prefill_graphs is not None and self.prefill_graphs.bucket(ctx.num_prefill_rows) is not None:
+            return self.prefill_graphs.forward(input_ids, positions, ctx)
+        with forward_context(ctx):
+            return self.model(input_ids, positions)
 
     def _decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if self.graphs and input_ids.shape[0] <= max(self.graphs):

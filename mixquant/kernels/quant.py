@@ -3,7 +3,8 @@
 Computes what `mixquant.quantization.fp8.quantize_rowwise` computes on a CUDA device, bit for bit, in one read of x
 instead of the half-dozen passes (abs, amax, divide, where, clamp, cast) that eager PyTorch makes over it. The same
 kernel can first apply the gated MLP's SiLU-and-multiply, so that the activation the down projection quantizes is
-never written in 16 bits and read back (the issue's measurement: quantizing in separate passes erased FP8's gain).
+never written in 16 bits and read back (the issue's measurement: quantizing in separate passes erased FP8's gain);
+`rms_norm_quant_fp8` does the same for the RMSNorm (and residual add) before the QKV and gate/up projections.
 """
 from __future__ import annotations
 
@@ -77,6 +78,62 @@ def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
             x = _load_row(x_row, start + offs, mask, K, GATED)
             tl.store(q_row + start + offs, _quantize(x, scale, FP8_MAX), mask=mask)
     tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _rms_norm_quant_kernel(x_ptr, residual_ptr, weight_ptr, summed_ptr, q_ptr, scale_ptr, K, eps,
+                           stride_x, stride_r, stride_s, stride_q, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                           FP8_MAX: tl.constexpr, ZERO_ROW_SCALE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    dtype = x.dtype
+    if HAS_RESIDUAL:
+        # the residual add rounded to x's dtype, as the unfused add is
+        residual = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(dtype)
+        tl.store(summed_ptr + row * stride_s + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    inv_rms = tl.math.rsqrt(tl.math.div_rn(tl.sum(xf * xf, 0), K.to(tl.float32)) + eps)
+    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # layernorm.rms_norm's roundings: the normalised row to x's dtype, then its product with the weight
+    y = (weight * (xf * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    scale = _row_scale(tl.reduce(tl.abs(y), 0, _nan_max), FP8_MAX, ZERO_ROW_SCALE)
+    tl.store(q_ptr + row * stride_q + offs, _quantize(y, scale, FP8_MAX), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """per_token_quant_fp8(rms_norm(x [+ residual])) in one pass that never writes the 16-bit norm.
+
+    x and residual [M, K] in one 16-bit dtype, weight [K] in it too (layernorm.rms_norm's product is then rounded
+    to it). Returns (q [M, K] float8_e4m3fn, scale [M, 1] float32, x + residual or None without a residual): what
+    an FP8 linear layer after the norm takes, and the next residual."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"expected x of shape [M, K] with contiguous rows, got {tuple(x.shape)} {x.stride()}")
+    if weight.shape != (x.shape[1],) or weight.dtype != x.dtype or not weight.is_contiguous():
+        raise ValueError(f"expected a contiguous {x.dtype} weight of shape ({x.shape[1]},), got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1):
+        raise ValueError(f"residual {residual.dtype} {tuple(residual.shape)} does not match x {x.dtype} "
+                         f"{tuple(x.shape)} with contiguous rows")
+    m, k = x.shape
+    if k > _WHOLE_ROW_MAX:
+        raise ValueError(f"rows of up to {_WHOLE_ROW_MAX} values are normalised in one pass, got {k}")
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    summed = None if residual is None else torch.empty_like(x)
+    if m:
+        block_k = triton.next_power_of_2(k)
+        _rms_norm_quant_kernel[(m,)](
+            x, x if residual is None else residual, weight, x if summed is None else summed, q, scale, k, eps,
+            x.stride(0), x.stride(0) if residual is None else residual.stride(0),
+            0 if summed is None else summed.stride(0), q.stride(0), BLOCK_K=block_k,
+            HAS_RESIDUAL=residual is not None, FP8_MAX=FP8_MAX, ZERO_ROW_SCALE=_ZERO_ROW_SCALE,
+            num_warps=8 if block_k >= 8192 else 4, enable_fp_fusion=False)
+    return q, scale, summed
 
 
 def per_token_quant_fp8(x: torch.Tensor, *, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mixquant.quantization.fp8 import QuantizedRows
 from mixquant.utils.compile import fused_on_gpu
 
 
@@ -29,8 +30,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Without a residual: the norm. With one: (norm(x + residual), x + residual)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, quantize: bool = False):
+        """Without a residual: the norm. With one: (norm(x + residual), x + residual). quantize: the norm as
+        fp8.QuantizedRows, quantized per token in the same pass (for a layer whose takes_quantized_rows says so)."""
+        if quantize:
+            from mixquant.kernels.quant import rms_norm_quant_fp8
+
+            q, scale, summed = rms_norm_quant_fp8(x, self.weight, self.eps, residual)
+            rows = QuantizedRows(q, scale, x.dtype)
+            return rows if residual is None else (rows, summed)
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return add_rms_norm(x, residual, self.weight, self.eps)

@@ -55,6 +55,13 @@ class Linear(nn.Module):
         if not (prefill.uses_model_weight or decode.uses_model_weight):
             self.weight = None  # neither phase reads the model-dtype copy: give its memory back
 
+    def takes_quantized_rows(self, rows: int) -> bool:
+        """Whether this step's input of `rows` rows may come as fp8.QuantizedRows: one method computes all of them
+        (see forward) and takes rows its producer has quantized."""
+        split = get_context().num_prefill_rows
+        method = self.decode_method if split == 0 else self.prefill_method if split == rows else None
+        return method is not None and method.takes_quantized_rows
+
     def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         """gated: x is [gate | up] and this layer's input silu(gate) * up (see LinearMethod.__call__)."""
         split = get_context().num_prefill_rows

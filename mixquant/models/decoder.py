@@ -72,15 +72,19 @@ class DecoderLayer(nn.Module):
         return self.after_attention(self.self_attn.attn(q, k, v), residual)
 
     # The layer on either side of its attention: prefill CUDA graphs capture these, attention runs between them.
+    # Each norm quantizes its output itself where the projection after it takes FP8 rows (one pass, not two).
     def before_attention(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None):
+        quantize = self.self_attn.qkv_proj.takes_quantized_rows(x.shape[0])
         if residual is None:
-            x, residual = self.input_layernorm(x), x
+            x, residual = self.input_layernorm(x, quantize=quantize), x
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, quantize=quantize)
         return *self.self_attn.project_qkv(positions, x), residual
 
     def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
-        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out.flatten(1)), residual)
+        x = self.self_attn.o_proj(attn_out.flatten(1))
+        x, residual = self.post_attention_layernorm(
+            x, residual, quantize=self.mlp.gate_up_proj.takes_quantized_rows(x.shape[0]))
         return self.mlp(x), residual
 
 

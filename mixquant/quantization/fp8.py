@@ -7,6 +7,8 @@ transposed, as `scale_b`. For float32 inputs this is bit-identical to compressed
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -15,6 +17,22 @@ FP8_MAX = 448.0
 # Stands in for the scale of an all-zero row so the division below stays finite (the row still quantizes to zeros);
 # compressed-tensors uses the same value, which keeps even such rows byte-identical to its checkpoints.
 _ZERO_ROW_SCALE = torch.finfo(torch.float32).eps
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """An activation that the kernel producing it has already quantized per token, for a native FP8 linear layer:
+    E4M3 rows [M, K] and their float32 scales [M, 1], as quantize_rowwise returns them, and the 16-bit dtype the
+    layer computes in. The RMSNorms before the QKV and gate/up projections hand these over (kernels/quant.py), so
+    the 16-bit norm is never written and read back."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
 
 
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ class LinearMethod:
     precision: str
     mode: str  # "native" | "emulated"
     uses_model_weight: bool = False
+    takes_quantized_rows: bool = False  # accepts x as fp8.QuantizedRows (its producer quantized it)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
         """x @ W^T (+ bias); written into `out` when given (rows of a larger output). gated: x is a gated MLP's
@@ -56,6 +57,7 @@ class FP8Method(LinearMethod):
     def __init__(self, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, native: bool):
         self.qweight, self.weight_scale, self.bias = qweight, weight_scale.float().reshape(-1, 1), bias
         self.mode = "native" if native else "emulated"
+        self.takes_quantized_rows = native
         if native and (qweight.shape[0] % 16 or qweight.shape[1] % 16):
             raise ValueError(f"FP8 GEMMs need both weight dims divisible by 16, got {tuple(qweight.shape)}")
 
@@ -71,7 +73,10 @@ class FP8Method(LinearMethod):
         # cast chain cost more than FP8 GEMMs saved)
         from mixquant.kernels.quant import per_token_quant_fp8, silu_and_mul_quant_fp8
 
-        xq, x_scale = (silu_and_mul_quant_fp8 if gated else per_token_quant_fp8)(x)
+        if isinstance(x, fp8.QuantizedRows):
+            xq, x_scale = x.data, x.scale
+        else:
+            xq, x_scale = (silu_and_mul_quant_fp8 if gated else per_token_quant_fp8)(x)
         kwargs = {} if out is None else {"out": out}
         return torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(),
                                 bias=self.bias, out_dtype=x.dtype, **kwargs)

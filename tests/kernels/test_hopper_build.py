@@ -21,7 +21,7 @@ from triton.compiler import ASTSource
 
 from mixquant.kernels.fp8_attention import _LOG2_FP8_MAX, PrefillConfig, _fp8_prefill_kernel, _quantize_blocks_kernel
 from mixquant.kernels.paged_attention import _decode_split_kernel, _merge_kernel
-from mixquant.kernels.quant import _per_token_quant_kernel
+from mixquant.kernels.quant import _per_token_quant_kernel, _rms_norm_quant_kernel
 from mixquant.kernels.rotary import _norm_rope_kernel
 from mixquant.quantization.fp8 import _ZERO_ROW_SCALE, FP8_MAX
 
@@ -108,6 +108,20 @@ def test_gated_quant_kernel_builds_without_spills(block_k, whole_row):
         num_warps=16 if block_k >= 8192 else 8)
     assert "LOCAL:0" in usage, usage
     assert "div.rn.f32" in ptx  # the quantizing division stays IEEE
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_norm_quant_kernel_builds_with_torch_cuda_arithmetic(residual):
+    """The norm before Qwen3-8B's QKV / gate-up projections (4,096 a row): IEEE division for the mean and the
+    quantization, the scale as CUDA's quantize_rowwise computes it, no spills."""
+    ptx, _, usage = compile_for_hopper(
+        _rms_norm_quant_kernel, dict(x_ptr="*bf16", residual_ptr="*bf16", weight_ptr="*bf16", summed_ptr="*bf16",
+                                     q_ptr="*fp8e4nv", scale_ptr="*fp32", eps="fp32"),
+        dict(BLOCK_K=4096, HAS_RESIDUAL=residual, FP8_MAX=448.0, ZERO_ROW_SCALE=_ZERO_ROW_SCALE), fp_fusion=False)
+    assert "LOCAL:0" in usage, usage
+    assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx" not in ptx
+    assert re.search(r"mul(\.rn)?\.f32\s+%r\d+, %r\d+, 0f3B124925;", ptx), "scale = amax * float32(1/448)"
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
 
 

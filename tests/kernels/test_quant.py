@@ -95,3 +95,45 @@ def test_gated_rows_must_pair_gate_and_up():
 
     with pytest.raises(ValueError, match="even width"):
         silu_and_mul_quant_fp8(torch.zeros(2, 7, dtype=torch.bfloat16))
+
+
+def fp8_codes_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many E4M3 codes apart two same-sign values are (codes are ordered by magnitude within a sign)."""
+    return (a.view(torch.uint8).int() - b.view(torch.uint8).int()).abs()
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("k", [64, 4096])
+def test_norm_quant_matches_the_norm_then_quantization(with_residual, k):
+    """rms_norm_quant_fp8 against layernorm's add + RMSNorm and CUDA's quantize_rowwise of its bf16 output. The sum
+    of squares is reduced in another order than torch's, which may move a normalised value by one bf16 step and
+    so, rarely, a code by one; the residual sum is elementwise and exact."""
+    from mixquant.kernels.quant import rms_norm_quant_fp8
+    from mixquant.layers.layernorm import add_rms_norm, rms_norm
+
+    g = torch.Generator().manual_seed(k)
+    x = (torch.randn(33, k, generator=g) * torch.logspace(-3, 3, 33).unsqueeze(1)).to(torch.bfloat16)
+    residual = torch.randn(33, k, generator=g).to(torch.bfloat16) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(k, generator=g)).to(torch.bfloat16)
+    q, scale, summed = rms_norm_quant_fp8(x, weight, 1e-6, residual)
+    if with_residual:
+        normed, summed_ref = add_rms_norm(x, residual, weight, 1e-6)
+        assert torch.equal(summed, summed_ref)
+    else:
+        normed = rms_norm(x, weight, 1e-6)
+        assert summed is None
+    q_ref, scale_ref = cuda_quantize_rowwise(normed)
+    assert q.shape == (33, k) and scale.shape == (33, 1)
+    assert ((scale - scale_ref).abs() <= scale_ref * 2 ** -7).all()  # at most one bf16 step of the row's amax
+    apart = fp8_codes_apart(q, q_ref)
+    assert apart.max() <= 1 and (apart == 0).float().mean() >= 0.99
+
+
+def test_norm_quant_names_bad_inputs():
+    from mixquant.kernels.quant import rms_norm_quant_fp8
+
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm_quant_fp8(x, torch.ones(64), 1e-6)  # float32 weight: the product would not round to bf16
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm_quant_fp8(x, torch.ones(64, dtype=torch.bfloat16), 1e-6, torch.zeros(2, 32, dtype=torch.bfloat16))
