@@ -39,7 +39,7 @@ def register(subparsers):
     p.add_argument("--compare", choices=["transformers"], help="add transformers (sdpa, BF16) rows")
     p.add_argument("--prefill-attention", default="auto", type=_attentions,
                    help="attention of the prompt tokens, one or a comma list, each run with every pair: auto (the "
-                        "engine's default: fp8-cudnn for fp8 prefill from 8,192 tokens where cuDNN can run it, else "
+                        "engine's default: fp8-cudnn for fp8 prefill from 7,168 tokens where cuDNN can run it, else "
                         "bf16), bf16 (SDPA), fp8 (Triton kernel, per-tile scales) or fp8-cudnn (cuDNN, per-tensor "
                         "scales); e.g. bf16,auto")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (prefill graphs cover up to 4,096 "

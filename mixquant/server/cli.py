@@ -65,7 +65,7 @@ def register(subparsers):
                         help="precision of generated tokens")
     engine.add_argument("--prefill-attention", default="auto", choices=PREFILL_ATTENTIONS,
                         help="attention of uncached prompt tokens: auto (fp8-cudnn for fp8 prefill segments of "
-                             "8,192 tokens or more where cuDNN can run it, else bf16), bf16 (SDPA), fp8 (FP8 Triton "
+                             "7,168 tokens or more where cuDNN can run it, else bf16), bf16 (SDPA), fp8 (FP8 Triton "
                              "kernel, per-tile scales; CUDA compute capability >= 8.9) or fp8-cudnn (cuDNN's FP8 flash "
                              "attention, per-tensor scales; >= 9.0, pip install 'mixquant[cudnn]')")
     engine.add_argument("--dtype", default="auto")
