@@ -17,6 +17,7 @@ from mixquant.quantization.fp8 import _ZERO_ROW_SCALE, FP8_DTYPE, FP8_MAX
 # Rows up to this many elements are held in registers (one read of x); longer rows are read twice, in chunks.
 _WHOLE_ROW_MAX = 16384
 _CHUNK = 4096
+NORM_QUANT_MAX_K = _WHOLE_ROW_MAX  # rms_norm_quant_fp8 holds a row in registers
 
 
 @triton.jit
@@ -120,8 +121,8 @@ def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residu
         raise ValueError(f"residual {residual.dtype} {tuple(residual.shape)} does not match x {x.dtype} "
                          f"{tuple(x.shape)} with contiguous rows")
     m, k = x.shape
-    if k > _WHOLE_ROW_MAX:
-        raise ValueError(f"rows of up to {_WHOLE_ROW_MAX} values are normalised in one pass, got {k}")
+    if k > NORM_QUANT_MAX_K:
+        raise ValueError(f"rows of up to {NORM_QUANT_MAX_K} values are normalised in one pass, got {k}")
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     summed = None if residual is None else torch.empty_like(x)

@@ -34,11 +34,12 @@ class RMSNorm(nn.Module):
         """Without a residual: the norm. With one: (norm(x + residual), x + residual). quantize: the norm as
         fp8.QuantizedRows, quantized per token in the same pass (for a layer whose takes_quantized_rows says so)."""
         if quantize:
-            from mixquant.kernels.quant import rms_norm_quant_fp8
+            from mixquant.kernels.quant import NORM_QUANT_MAX_K, rms_norm_quant_fp8
 
-            q, scale, summed = rms_norm_quant_fp8(x, self.weight, self.eps, residual)
-            rows = QuantizedRows(q, scale, x.dtype)
-            return rows if residual is None else (rows, summed)
+            if x.shape[-1] <= NORM_QUANT_MAX_K:  # wider rows: the projection quantizes them itself
+                q, scale, summed = rms_norm_quant_fp8(x, self.weight, self.eps, residual)
+                rows = QuantizedRows(q, scale, x.dtype)
+                return rows if residual is None else (rows, summed)
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return add_rms_norm(x, residual, self.weight, self.eps)

@@ -39,3 +39,15 @@ def test_a_layer_takes_quantized_rows_only_from_one_native_fp8_method(prefill_ro
     with forward_context(ForwardContext(num_prefill_rows=prefill_rows, slot_mapping=torch.zeros(rows,
                                                                                                  dtype=torch.long))):
         assert layer.takes_quantized_rows(rows) is expected
+
+
+def test_rows_too_wide_for_the_fused_norm_come_unquantized():
+    """Rows past what rms_norm_quant_fp8 holds in registers: the norm returns them in 16 bits and the FP8 layer
+    quantizes them itself."""
+    from mixquant.kernels.quant import NORM_QUANT_MAX_K
+    from mixquant.layers.layernorm import RMSNorm
+
+    norm = RMSNorm(NORM_QUANT_MAX_K + 16, 1e-6)
+    x = torch.randn(3, NORM_QUANT_MAX_K + 16)
+    out = norm(x, quantize=True)
+    assert isinstance(out, torch.Tensor) and torch.equal(out, norm(x))
