@@ -64,21 +64,28 @@ def write_config_dir(path: Path, **overrides) -> Path:
     return path
 
 
+def write_cut_model(path: Path, layers: int, **overrides):
+    """The Qwen3-8B shape cut to `layers` layers with transformers' random initialisation (seed 0), saved to `path`
+    with the tokenizer; returns (path, the transformers model on the GPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    write_config_dir(path, num_hidden_layers=layers, **overrides)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16).eval()
+    model.save_pretrained(path)
+    return path, model
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def check_against_transformers(workdir: Path, layers: int) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from mixquant import LLM, SamplingParams
     from tests.engine.helpers import engine_prompt_logits
 
-    path = write_config_dir(workdir / "qwen3-8b-shape-cut", num_hidden_layers=layers)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        ref = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16).eval()
-    ref.save_pretrained(path)
+    path, ref = write_cut_model(workdir / "qwen3-8b-shape-cut", layers)
     ids = torch.randint(0, 150000, (1, 1024), generator=torch.Generator().manual_seed(1)).tolist()[0]
     with torch.no_grad():
         theirs = ref(torch.tensor([ids], device="cuda")).logits[0].float()
@@ -103,16 +110,11 @@ def check_against_transformers(workdir: Path, layers: int) -> dict:
 def check_fp8_attention(workdir: Path, layers: int, lengths=(8192, 16384)) -> list[dict]:
     """Prompt logits of fp8/bf16 with prefill_attention="fp8-cudnn" against the same pair with BF16 attention (what
     the FP8 attention alone changes) and against bf16/bf16 (what FP8 prefill changes in all), per prompt length."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from mixquant import LLM
     from tests.engine.helpers import engine_prompt_logits
 
-    path = write_config_dir(workdir / "qwen3-8b-shape-cut-attention", num_hidden_layers=layers,
-                            max_position_embeddings=max(lengths) + 64)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16).save_pretrained(path)
+    path, _ = write_cut_model(workdir / "qwen3-8b-shape-cut-attention", layers,
+                              max_position_embeddings=max(lengths) + 64)
     rows = []
     for tokens in lengths:
         ids = torch.randint(0, 150000, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
@@ -236,16 +238,11 @@ def check_fused_norm_quant(workdir: Path, layers: int, lengths=(2048, 6000)) -> 
     reaches every later query, and the per-token requantization downstream turns any difference into FP8-rounding-
     sized noise in the rows it reaches. So the bar is not closeness to the unfused run but accuracy: against
     bf16/bf16, the fused pair must be as close as the unfused one (relative error within 5%, top-1 within 0.02)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from mixquant import LLM
     from mixquant.layers.linear import Linear
     from tests.engine.helpers import engine_prompt_logits
 
-    path = write_config_dir(workdir / "qwen3-8b-shape-cut-fusion", num_hidden_layers=layers)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16).save_pretrained(path)
+    path, _ = write_cut_model(workdir / "qwen3-8b-shape-cut-fusion", layers)
     fused_check = Linear.takes_quantized_rows
     rows = []
     for tokens in lengths:
