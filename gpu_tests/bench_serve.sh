@@ -2,8 +2,7 @@
 # Agentic replay against mixquant serve, one server per precision pair, on the Qwen3-8B shape (random weights).
 #   bash gpu_tests/bench_serve.sh OUT_DIR [bench serve flags...]
 # Needs .carry/server-wheels (fastapi and what it needs beyond the device image: starlette, pydantic, pydantic_core,
-# annotated_types, typing_inspection, typing_extensions, opentelemetry_api, uvicorn, h11, click) and
-# .carry/qwen3-tokenizer; with .carry/cudnn-wheels (cudnn-frontend) the fp8/bf16 server's default prefill attention
+# annotated_types, typing_inspection, typing_extensions, opentelemetry_api, uvicorn, h11, click); with .carry/cudnn-wheels (cudnn-frontend) the fp8/bf16 server's default prefill attention
 # takes cuDNN's FP8 attention for uncached segments of 8,192 tokens or more.
 set -uo pipefail
 out=${1:?usage: bench_serve.sh OUT_DIR [flags]}
@@ -13,10 +12,11 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/server-
   $(ls .carry/cudnn-wheels/*.whl 2>/dev/null) >/dev/null || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 shape=$(python3 -c "from mixquant.bench.shapes import shape_dir; print(shape_dir('qwen3-8b'))")
+tokenizer=$(python3 -c "from tests.data import qwen3_tokenizer; print(qwen3_tokenizer())")
 status=0
 for pair in bf16/bf16 fp8/bf16; do
   name=${pair/\//-}
-  python3 -m mixquant.cli serve "$shape" --load-format dummy --tokenizer .carry/qwen3-tokenizer \
+  python3 -m mixquant.cli serve "$shape" --load-format dummy --tokenizer "$tokenizer" \
     --served-model-name qwen3-8b-shape --prefill-precision ${pair%/*} --decode-precision ${pair#*/} \
     --max-model-len 40960 --port 8011 --uvicorn-log-level warning > "$out/server-$name.log" 2>&1 &
   server=$!

@@ -24,13 +24,11 @@ from pathlib import Path
 
 import torch
 
+from tests.data import qwen3_tokenizer
+
 QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
                 rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, architectures=["Qwen3ForCausalLM"])
-# ../shared does not travel to the device machine: the tokenizer is carried in an ignored folder of the repo
-_ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = next(p for p in (_ROOT / ".carry" / "qwen3-tokenizer", _ROOT.parent / "shared" / "data" / "qwen3-tokenizer")
-                 if p.is_dir())
 
 
 def check_kernels() -> dict:
@@ -59,8 +57,8 @@ def write_config_dir(path: Path, **overrides) -> Path:
     config.dtype = torch.bfloat16
     path.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(path)
-    for f in TOKENIZER.iterdir():
-        shutil.copy(f, path / f.name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen3_tokenizer() / name, path / name)
     return path
 
 

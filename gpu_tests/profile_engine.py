@@ -3,7 +3,6 @@
 Usage: PYTHONPATH=. python3 gpu_tests/profile_engine.py [--pairs bf16/bf16,fp8/bf16] [--context 4096] [--quick]
        [--graphs] [--cached-attention]
        PYTHONPATH=. python3 gpu_tests/profile_engine.py --breakdown 2048,4096,8192 [--pairs ...] [--out DIR]
-(carry .carry/qwen3-tokenizer)
 """
 from __future__ import annotations
 

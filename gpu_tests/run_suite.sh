@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one device call: correctness first, then every timing, all into one folder.
 #   bash gpu_tests/run_suite.sh OUT_DIR [quick]
-# Needs the Qwen3 tokenizer copied to .carry/qwen3-tokenizer (../shared does not travel to the device); with the
-# cudnn-frontend wheel in .carry/cudnn-wheels (pip download nvidia-cudnn-frontend==1.16.0 for the device's Python)
+# With the cudnn-frontend wheel in .carry/cudnn-wheels (pip download nvidia-cudnn-frontend==1.16.0 for the device's Python)
 # it also checks cuDNN's FP8 attention and the default prefill attention takes it.
 set -uo pipefail
 out=${1:?usage: run_suite.sh OUT_DIR}

@@ -7,18 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-QWEN3_TOKENIZER = SHARED_DATA / "qwen3-tokenizer"
-
-
-def tokenizer_files() -> Path:
-    if not (QWEN3_TOKENIZER / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"the Qwen3 tokenizer is expected at {QWEN3_TOKENIZER} (shared/ beside the repo)")
-    return QWEN3_TOKENIZER
+from tests.data import qwen3_tokenizer
 
 
 def save_tiny_model(path: Path, arch: str = "qwen3", seed: int = 0, **overrides) -> Path:
-    """A 2-layer model with the real Qwen3 tokenizer, random weights, written as safetensors + config.json."""
+    """A 2-layer model with the real Qwen3 tokenizer (tests/data), random weights, written as safetensors +
+    config.json."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -37,8 +31,8 @@ def save_tiny_model(path: Path, arch: str = "qwen3", seed: int = 0, **overrides)
             if "norm" not in name:
                 p.normal_(0, 0.08)
     model.save_pretrained(path)
-    for f in tokenizer_files().iterdir():
-        shutil.copy(f, path / f.name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen3_tokenizer() / name, path / name)
     (path / "generation_config.json").write_text('{"eos_token_id": [151645, 151643]}')
     return path
 

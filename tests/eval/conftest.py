@@ -1,4 +1,4 @@
-"""Fixtures for the eval tests: the shared data directory, the Qwen3 tokenizer and scripted servers."""
+"""Fixtures for the eval tests: the data directory, the Qwen3 tokenizer and scripted servers."""
 
 from __future__ import annotations
 
@@ -8,25 +8,22 @@ from typing import Any
 
 import pytest
 
+from tests.data import DATA_DIR, qwen3_tokenizer
 from tests.eval.scripted_openai_server import Script, ScriptedServer
-
-# CI clones the repository with shared/ beside it.
-DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    # No skip: CI always has the data, so its absence is a broken checkout that must not pass silently.
-    if not DATA_DIR.is_dir():
-        pytest.fail(f"the evaluation data is missing: expected {DATA_DIR} (../shared/data beside the repository)")
+    """tests/data: real evaluation samples (tests/data/README.md), and the Qwen3 tokenizer unpacked."""
+    qwen3_tokenizer()
     return DATA_DIR
 
 
-@pytest.fixture(scope="session")
-def qwen3_tokenizer(data_dir: Path) -> Any:
+@pytest.fixture(scope="session", name="qwen3_tokenizer")
+def qwen3_tokenizer_fixture() -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(data_dir / "qwen3-tokenizer")
+    return AutoTokenizer.from_pretrained(qwen3_tokenizer())
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from mixquant.server.parsers import (
     ParsedToolCall,
     Qwen3ReasoningParser,
 )
-from tests.conftest import tokenizer_files
+from tests.data import qwen3_tokenizer
 
 WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
 TIME_CALL = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
@@ -30,7 +30,7 @@ MALFORMED_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(str(tokenizer_files()))
+    return AutoTokenizer.from_pretrained(str(qwen3_tokenizer()))
 
 
 def streamed(parser: ChatOutputParser, text: str, cuts: list[int]) -> ParsedOutput:

@@ -6,7 +6,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from tests.conftest import tokenizer_files
+from tests.data import qwen3_tokenizer
 from tests.server.conftest import MODEL_NAME, running_server, server_config
 from tests.server.scripted_engine import ScriptedEngine
 from tests.server.test_chat_template import TOOLS
@@ -18,7 +18,7 @@ MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory):
-    engine = ScriptedEngine(AutoTokenizer.from_pretrained(str(tokenizer_files())))
+    engine = ScriptedEngine(AutoTokenizer.from_pretrained(str(qwen3_tokenizer())))
     with running_server(engine, server_config(tmp_path_factory.mktemp("scripted"))) as running:
         yield running
 

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from mixquant.tiny import bundled_model_path, tasks
 from mixquant.tiny.tokenizer import MARKUP_TOKENS, SPECIAL_TOKENS
 from mixquant.tiny.train import SEQ_LEN, PackedStream, learning_rate
-from tests.conftest import QWEN3_TOKENIZER
+from tests.data import QWEN3_TOKENIZER
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,6 @@ def test_tokenizer_round_trips_generated_text(tokenizer, task):
     assert max(ids) < len(tokenizer)
 
 
-@pytest.mark.skipif(not (QWEN3_TOKENIZER / "tokenizer_config.json").is_file(), reason="needs ../shared")
 def test_chat_template_is_qwen3s(tokenizer):
     qwen3 = json.loads((QWEN3_TOKENIZER / "tokenizer_config.json").read_text())["chat_template"]
     assert tokenizer.chat_template == qwen3
