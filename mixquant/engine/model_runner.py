@@ -78,10 +78,10 @@ class ModelRunner:
         if config.prefill_model:
             prequantized = loader.read_prequantized(resolve_model_path(config.prefill_model, config.revision),
                                                     self.device)
-        loader.assign_linear_methods(self.model, config, dtype, prequantized)
+        loader.assign_methods(self.model, config, dtype, prequantized)
         # Where both phases compute alike (one precision, BF16 attention), the phase boundary changes no number.
         self.phases_alike = config.prefill_attention == "bf16" and all(
-            layer.prefill_method is layer.decode_method for layer in self.model.linear_layers())
+            layer.prefill_method is layer.decode_method for layer in self.model.phase_routed_layers())
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.prefill_graphs: PrefillGraphs | None = None

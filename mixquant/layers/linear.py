@@ -1,8 +1,8 @@
-"""Linear layers whose rows run in the precision of their phase.
+"""Layers whose rows run in the precision of their phase: Linear here, the experts of MoE layers in fused_moe.py.
 
-A layer owns one weight in the model dtype (possibly several checkpoint shards fused, e.g. q/k/v) and, once
-loaded, one method per phase. A step's rows are laid out [prefill rows | decode rows] (see utils/context.py), so
-routing is a slice, not a gather.
+A layer owns its weights in the model dtype (possibly several checkpoint shards fused, e.g. q/k/v) and, once
+loaded, one method per phase (models/loader.py decides which). A step's rows are laid out [prefill rows | decode
+rows] (see utils/context.py), so routing is a slice, not a gather.
 """
 from __future__ import annotations
 
@@ -13,7 +13,33 @@ from mixquant.quantization.linear_methods import LinearMethod
 from mixquant.utils.context import get_context
 
 
-class Linear(nn.Module):
+class PhaseRouted(nn.Module):
+    """A layer computed by `prefill_method` for the step's prefill rows and by `decode_method` for its decode rows."""
+
+    prefix: str
+
+    def __init__(self):
+        super().__init__()
+        self.prefill_method = self.decode_method = None
+
+    def set_methods(self, prefill, decode):
+        self.prefill_method, self.decode_method = prefill, decode
+
+    def route(self, out_features: int, *rows: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Each method on its rows of every tensor in `rows` (row-aligned inputs), writing its rows of one output:
+        no concatenation pass."""
+        split, n = get_context().num_prefill_rows, rows[0].shape[0]
+        if self.prefill_method is self.decode_method or split == 0:
+            return self.decode_method(*rows, **kwargs)
+        if split == n:
+            return self.prefill_method(*rows, **kwargs)
+        out = torch.empty(n, out_features, dtype=rows[0].dtype, device=rows[0].device)
+        self.prefill_method(*(r[:split] for r in rows), out=out[:split], **kwargs)
+        self.decode_method(*(r[split:] for r in rows), out=out[split:], **kwargs)
+        return out
+
+
+class Linear(PhaseRouted):
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool, prefix: str,
                  shard_names: list[str] | None = None):
         super().__init__()
@@ -26,8 +52,6 @@ class Linear(nn.Module):
         out = sum(output_sizes)
         self.weight = nn.Parameter(torch.empty(out, input_size), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
-        self.prefill_method: LinearMethod | None = None
-        self.decode_method: LinearMethod | None = None
 
     @property
     def shard_offsets(self) -> list[int]:
@@ -51,7 +75,7 @@ class Linear(nn.Module):
         param.data[start:end].copy_(tensor)
 
     def set_methods(self, prefill: LinearMethod, decode: LinearMethod):
-        self.prefill_method, self.decode_method = prefill, decode
+        super().set_methods(prefill, decode)
         if not (prefill.uses_model_weight or decode.uses_model_weight):
             self.weight = None  # neither phase reads the model-dtype copy: give its memory back
 
@@ -64,16 +88,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         """gated: x is [gate | up] and this layer's input silu(gate) * up (see LinearMethod.__call__)."""
-        split = get_context().num_prefill_rows
-        if self.prefill_method is self.decode_method or split == 0:
-            return self.decode_method(x, gated=gated)
-        if split == x.shape[0]:
-            return self.prefill_method(x, gated=gated)
-        # each method writes its rows of one output: no concatenation pass
-        out = torch.empty(x.shape[0], sum(self.output_sizes), dtype=x.dtype, device=x.device)
-        self.prefill_method(x[:split], out=out[:split], gated=gated)
-        self.decode_method(x[split:], out=out[split:], gated=gated)
-        return out
+        return self.route(sum(self.output_sizes), x, gated=gated)
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, out={self.output_sizes}, prefill={self.prefill_method}, "

@@ -1,9 +1,12 @@
-"""One dense decoder for the Qwen3, Qwen2 and Llama families.
+"""One decoder for the Qwen3, Qwen2 and Llama families, and the skeleton other families build on.
 
 They differ only in switches read from config.json: Qwen3 normalises q and k per head (QK-norm), Qwen2 has
-q/k/v biases, Llama neither. MoE families will get their own MLP module beside `MLP`.
+q/k/v biases, Llama neither. A family with another MLP per layer (the experts of Qwen3-MoE, models/qwen3_moe.py)
+overrides `CausalLM.make_mlp`.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -11,7 +14,7 @@ from torch import nn
 from mixquant.layers.attention import Attention
 from mixquant.layers.embed_head import LMHead, VocabEmbedding
 from mixquant.layers.layernorm import RMSNorm
-from mixquant.layers.linear import Linear
+from mixquant.layers.linear import Linear, PhaseRouted
 from mixquant.layers.rotary_embedding import RotaryEmbedding
 
 
@@ -53,16 +56,23 @@ class MLP(nn.Module):
                                    shard_names=["gate_proj", "up_proj"])
         self.down_proj = Linear(inter, [config.hidden_size], False, f"{prefix}.down_proj")
 
+    def takes_quantized_rows(self, rows: int) -> bool:
+        return self.gate_up_proj.takes_quantized_rows(rows)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # down_proj applies SiLU-and-multiply to its input itself: an FP8 method quantizes the product as it forms
         return self.down_proj(self.gate_up_proj(x), gated=True)
 
 
+MakeMLP = Callable[[object, int, str], nn.Module]  # (config, layer index, prefix) -> the layer's MLP
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config, prefix: str, qk_norm: bool, qkv_bias: bool, rotary_emb: RotaryEmbedding):
+    def __init__(self, config, prefix: str, qk_norm: bool, qkv_bias: bool, rotary_emb: RotaryEmbedding,
+                 mlp: nn.Module):
         super().__init__()
         self.self_attn = SelfAttention(config, f"{prefix}.self_attn", qk_norm, qkv_bias, rotary_emb)
-        self.mlp = MLP(config, f"{prefix}.mlp")
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -84,18 +94,19 @@ class DecoderLayer(nn.Module):
     def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
         x = self.self_attn.o_proj(attn_out.flatten(1))
         x, residual = self.post_attention_layernorm(
-            x, residual, quantize=self.mlp.gate_up_proj.takes_quantized_rows(x.shape[0]))
+            x, residual, quantize=self.mlp.takes_quantized_rows(x.shape[0]))
         return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config, qk_norm: bool, qkv_bias: bool, max_position: int):
+    def __init__(self, config, qk_norm: bool, qkv_bias: bool, max_position: int, make_mlp: MakeMLP):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary_emb = RotaryEmbedding(config, head_dim, max_position)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, f"model.layers.{i}", qk_norm, qkv_bias, rotary_emb)
+            DecoderLayer(config, f"model.layers.{i}", qk_norm, qkv_bias, rotary_emb,
+                         make_mlp(config, i, f"model.layers.{i}.mlp"))
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -116,10 +127,13 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
-        self.model = DecoderModel(config, self.qk_norm, qkv_bias, max_position)
+        self.model = DecoderModel(config, self.qk_norm, qkv_bias, max_position, self.make_mlp)
         self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_mlp(self, config, layer_index: int, prefix: str) -> nn.Module:
+        return MLP(config, prefix)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
@@ -129,6 +143,10 @@ class CausalLM(nn.Module):
 
     def linear_layers(self) -> list[Linear]:
         return [m for m in self.modules() if isinstance(m, Linear)]
+
+    def phase_routed_layers(self) -> list[PhaseRouted]:
+        """Every layer that computes in its rows' phase precision: the linear layers and the experts."""
+        return [m for m in self.modules() if isinstance(m, PhaseRouted)]
 
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]

@@ -6,6 +6,7 @@ config, except for layers a checkpoint's `ignore` list or the user's `unquantize
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -14,10 +15,12 @@ from pathlib import Path
 import torch
 
 from mixquant.config import EngineConfig, Phase, kernel_mode
-from mixquant.layers.linear import Linear
+from mixquant.layers.fused_moe import EXPERT_SHARDS, GroupedExperts
+from mixquant.layers.linear import Linear, PhaseRouted
 from mixquant.models.decoder import CausalLM
 from mixquant.models.registry import model_class
 from mixquant.quantization import compressed_tensors as ct
+from mixquant.quantization.expert_methods import BF16Experts, ExpertsMethod, FP8Experts, NVFP4Experts
 from mixquant.quantization.linear_methods import (
     ActivationGroup, BF16Method, FP8Method, LinearMethod, NVFP4Method)
 from mixquant.utils.hf import iterate_tensors
@@ -26,9 +29,17 @@ from mixquant.utils.hf import iterate_tensors
 FUSED_SHARDS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)
+# experts as one module per expert (the hub's Qwen3-MoE, compressed-tensors checkpoints) or as 3-D tensors
+EXPERT_MODULE = re.compile(rf"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<shard>{'|'.join(EXPERT_SHARDS)})$")
+STACKED_EXPERTS = re.compile(r"^(?P<experts>.+\.experts)\.(?P<name>gate_up_proj|down_proj)$")
 
 
-def model_module_for(checkpoint_module: str) -> tuple[str, int]:
+def model_module_for(checkpoint_module: str) -> tuple[str, int | tuple[int, str]]:
+    """Our module for a checkpoint module, and which of its shards that is: an index into a fused Linear, or
+    (expert, projection) of a GroupedExperts."""
+    expert = EXPERT_MODULE.match(checkpoint_module)
+    if expert:
+        return expert["experts"], (int(expert["expert"]), expert["shard"])
     parent, _, leaf = checkpoint_module.rpartition(".")
     if leaf in FUSED_SHARDS:
         fused, shard = FUSED_SHARDS[leaf]
@@ -47,38 +58,64 @@ def build_model(hf_config, dtype: torch.dtype, device: torch.device, max_positio
         torch.set_default_dtype(previous)
 
 
-def load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]):
-    """Copies a Hugging Face state dict (possibly sharded q/k/v, gate/up) into the model; every parameter must come."""
-    modules = dict(model.named_modules())
+def expected_tensors(model: CausalLM) -> set[str]:
+    """The checkpoint tensors a complete checkpoint holds, named per shard and per expert."""
     expected = {name for name, _ in model.named_parameters()}
-    for layer in model.linear_layers():  # a fused layer is complete only when every shard came
+    for layer in model.phase_routed_layers():
+        if isinstance(layer, GroupedExperts):
+            expected -= {f"{layer.prefix}.w13", f"{layer.prefix}.w2"}
+            expected.update(f"{layer.prefix}.{e}.{shard}.weight"
+                            for e in range(layer.num_experts) for shard in EXPERT_SHARDS)
+            continue
         for param in ("weight", "bias") if layer.bias is not None else ("weight",):
             expected.discard(f"{layer.prefix}.{param}")
             expected.update(f"{parent}.{param}" for parent in layer.shard_module_names())
+    return expected
+
+
+def load_tensor(modules: dict[str, torch.nn.Module], name: str, tensor: torch.Tensor) -> list[str] | None:
+    """Copies one checkpoint tensor into the model; returns the expected tensors it stands for (None: no place)."""
+    stacked = STACKED_EXPERTS.match(name)
+    if stacked and isinstance(experts := modules.get(stacked["experts"]), GroupedExperts):
+        shards = experts.load_stacked(stacked["name"], tensor)
+        return [f"{experts.prefix}.{e}.{shard}.weight" for e in range(experts.num_experts) for shard in shards]
+    module_name, _, param_name = name.rpartition(".")
+    target, shard = model_module_for(module_name)
+    module = modules.get(target)
+    if isinstance(module, GroupedExperts) and param_name == "weight":
+        module.load_expert(*shard, tensor)
+        return [name]
+    if isinstance(module, Linear):
+        module.load_shard(param_name, tensor, shard)
+        return [name]
+    if module is not None and isinstance(getattr(module, param_name, None), torch.Tensor):
+        param = getattr(module, param_name)
+        if param.shape != tensor.shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model shape {tuple(param.shape)}")
+        param.data.copy_(tensor)
+        return [name]
+    return None
+
+
+def load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]):
+    """Copies a Hugging Face state dict (possibly sharded q/k/v, gate/up, experts per module or stacked) into the
+    model; every parameter must come."""
+    modules = dict(model.named_modules())
     loaded: set[str] = set()
     unexpected: list[str] = []
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, tensor in tensors:
         if name.endswith(IGNORED_TENSORS) or (tied and name == "lm_head.weight"):
             continue
-        module_name, _, param_name = name.rpartition(".")
-        target, shard = model_module_for(module_name)
-        module = modules.get(target)
-        if isinstance(module, Linear):
-            module.load_shard(param_name, tensor, shard)
-            loaded.add(name)
-        elif module is not None and hasattr(module, param_name):
-            param = getattr(module, param_name)
-            if param.shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model shape {tuple(param.shape)}")
-            param.data.copy_(tensor)
-            loaded.add(name)
-        else:
+        filled = load_tensor(modules, name, tensor)
+        if filled is None:
             unexpected.append(name)
+        else:
+            loaded.update(filled)
     if unexpected:
         raise ValueError(f"checkpoint tensors the model has no place for: {', '.join(unexpected[:8])}"
                          + (" ..." if len(unexpected) > 8 else ""))
-    missing = sorted(expected - loaded)
+    missing = sorted(expected_tensors(model) - loaded)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
 
@@ -93,12 +130,15 @@ def init_dummy_weights(model: CausalLM, seed: int):
             param.data.normal_(0.0, 0.02, generator=gen)
 
 
+ShardTensors = dict[str, torch.Tensor]  # a checkpoint module's tensors: weight_packed, weight_scale, ...
+
+
 @dataclass
 class PrequantizedCheckpoint:
-    """Tensors of a compressed-tensors checkpoint, per (our fused module, shard)."""
+    """Tensors of a compressed-tensors checkpoint, per our module and shard (see model_module_for)."""
 
     scheme: ct.QuantScheme
-    tensors: dict[str, dict[int, dict[str, torch.Tensor]]] = field(default_factory=lambda: defaultdict(dict))
+    tensors: dict[str, dict[int | tuple[int, str], ShardTensors]] = field(default_factory=lambda: defaultdict(dict))
 
 
 def read_prequantized(path: Path, device: torch.device) -> PrequantizedCheckpoint:
@@ -116,13 +156,13 @@ def read_prequantized(path: Path, device: torch.device) -> PrequantizedCheckpoin
     return checkpoint
 
 
-def _checkpoint_method(layer: Linear, shards: dict[int, dict[str, torch.Tensor]], scheme: ct.QuantScheme,
-                       native: bool, compute_dtype: torch.dtype) -> LinearMethod:
-    if sorted(shards) != list(range(len(layer.output_sizes))):
-        raise ValueError(f"{layer.prefix}: the prefill checkpoint has shards {sorted(shards)} of "
-                         f"{len(layer.output_sizes)}")
-    ordered = [shards[i] for i in range(len(layer.output_sizes))]
-    bias = layer.bias
+def _checkpoint_method(prefix: str, output_sizes: list[int], shards: dict[int, ShardTensors],
+                       bias: torch.Tensor | None, scheme: ct.QuantScheme, native: bool,
+                       compute_dtype: torch.dtype) -> LinearMethod:
+    """The method of a linear map whose output rows are `output_sizes` checkpoint shards, from their tensors."""
+    if sorted(shards) != list(range(len(output_sizes))):
+        raise ValueError(f"{prefix}: the prefill checkpoint has shards {sorted(shards)} of {len(output_sizes)}")
+    ordered = [shards[i] for i in range(len(output_sizes))]
     if scheme.name == "fp8":
         qweight = torch.cat([s["weight"] for s in ordered])
         scale = torch.cat([s["weight_scale"].float().reshape(-1, 1).expand(s["weight"].shape[0], 1)
@@ -132,14 +172,34 @@ def _checkpoint_method(layer: Linear, shards: dict[int, dict[str, torch.Tensor]]
     block_scale = torch.cat([s["weight_scale"] for s in ordered])
     row_scales = torch.cat([s["weight_global_scale"].float().reshape(1, 1).expand(s["weight_packed"].shape[0], 1)
                             for s in ordered])
-    groups = _activation_groups(layer, [s.get("input_global_scale") for s in ordered])
+    groups = _activation_groups(output_sizes, [s.get("input_global_scale") for s in ordered])
     return NVFP4Method(packed, block_scale, row_scales, groups, bias, native, compute_dtype,
                        quantize_activations=scheme.activations_quantized)
 
 
-def _activation_groups(layer: Linear, input_scales: list[torch.Tensor | None]) -> list[ActivationGroup]:
+def _checkpoint_experts(layer: GroupedExperts, shards: dict[tuple[int, str], ShardTensors],
+                        scheme: ct.QuantScheme, native: bool, compute_dtype: torch.dtype) -> ExpertsMethod:
+    """An experts method from per-expert checkpoint modules (experts.{e}.gate_proj / up_proj / down_proj)."""
+    missing = [f"{e}.{s}" for e in range(layer.num_experts) for s in EXPERT_SHARDS if (e, s) not in shards]
+    if missing:
+        raise ValueError(f"{layer.prefix}: the prefill checkpoint lacks {len(missing)} expert modules, e.g. "
+                         f"{', '.join(missing[:4])}")
+    inter, hidden = layer.intermediate_size, layer.hidden_size
+    gate_up = [_checkpoint_method(f"{layer.prefix}.{e}", [inter, inter],
+                                  {0: shards[(e, "gate_proj")], 1: shards[(e, "up_proj")]}, None, scheme, native,
+                                  compute_dtype) for e in range(layer.num_experts)]
+    down = [_checkpoint_method(f"{layer.prefix}.{e}.down_proj", [hidden], {0: shards[(e, "down_proj")]}, None,
+                               scheme, native, compute_dtype) for e in range(layer.num_experts)]
+    if scheme.name == "fp8":
+        return FP8Experts.stack(gate_up, down, native)
+    return NVFP4Experts(gate_up, down)
+
+
+def _activation_groups(output_sizes: list[int], input_scales: list[torch.Tensor | None]) -> list[ActivationGroup]:
     """Shards that share one activation global scale are quantized once; shards that differ keep their own."""
-    offsets = layer.shard_offsets
+    offsets = [0]
+    for size in output_sizes:
+        offsets.append(offsets[-1] + size)
     groups: list[ActivationGroup] = []
     for i, scale in enumerate(input_scales):
         previous = groups[-1].input_global_scale if groups else None
@@ -158,33 +218,55 @@ def matches_user_layer(module_name: str, patterns: list[str]) -> bool:
                for p in patterns)
 
 
-def _is_unquantized(layer: Linear, user_patterns: list[str], checkpoint_ignore: list[str]) -> bool:
-    names = [layer.prefix, *layer.shard_module_names()]
+def checkpoint_module_names(layer: PhaseRouted) -> list[str]:
+    """The checkpoint modules a layer stands for: its shards, or every projection of every expert."""
+    if isinstance(layer, GroupedExperts):
+        return [f"{layer.prefix}.{e}.{s}" for e in range(layer.num_experts) for s in EXPERT_SHARDS]
+    return layer.shard_module_names()
+
+
+def _is_unquantized(layer: PhaseRouted, user_patterns: list[str], checkpoint_ignore: list[str]) -> bool:
+    names = [layer.prefix, *checkpoint_module_names(layer)]
     return any(matches_user_layer(n, user_patterns) or ct.matches_ignore(n, checkpoint_ignore) for n in names)
 
 
-def assign_linear_methods(model: CausalLM, config: EngineConfig, compute_dtype: torch.dtype,
-                          prequantized: PrequantizedCheckpoint | None):
-    checkpoint_ignore = prequantized.scheme.ignore if prequantized else []
-    device = config.device_obj
-    for layer in model.linear_layers():
-        methods: dict[str, LinearMethod] = {}
+def _build_method(layer: PhaseRouted, precision: str, native: bool, compute_dtype: torch.dtype,
+                  prequantized: PrequantizedCheckpoint | None):
+    """A layer's method in one precision: from the prefill checkpoint where it holds this layer in this precision,
+    else quantized at load from the model-dtype weights."""
+    shards = prequantized.tensors.get(layer.prefix) if prequantized else None
+    from_checkpoint = precision != "bf16" and shards and prequantized.scheme.name == precision
+    if isinstance(layer, GroupedExperts):
+        if precision == "bf16":
+            return BF16Experts(layer.w13, layer.w2)
+        if from_checkpoint:
+            return _checkpoint_experts(layer, shards, prequantized.scheme, native, compute_dtype)
+        if precision == "fp8":
+            return FP8Experts.from_weight(layer.w13, layer.w2, native)
+        return NVFP4Experts.from_weight(layer.w13, layer.w2, native, compute_dtype)
+    if precision == "bf16":
+        return BF16Method(layer.weight, layer.bias)
+    if from_checkpoint:
+        return _checkpoint_method(layer.prefix, layer.output_sizes, shards, layer.bias, prequantized.scheme, native,
+                                  compute_dtype)
+    if precision == "fp8":
+        return FP8Method.from_weight(layer.weight, layer.bias, native)
+    return NVFP4Method.from_weight(layer.weight, layer.output_sizes, layer.bias, native, compute_dtype)
 
-        def method(precision: str) -> LinearMethod:
-            if _is_unquantized(layer, config.unquantized_layers, checkpoint_ignore):
-                precision = "bf16"
+
+def assign_methods(model: CausalLM, config: EngineConfig, compute_dtype: torch.dtype,
+                   prequantized: PrequantizedCheckpoint | None):
+    """Gives every phase-routed layer (linear layers, experts) its prefill and decode methods."""
+    checkpoint_ignore = prequantized.scheme.ignore if prequantized else []
+    for layer in model.phase_routed_layers():
+        unquantized = _is_unquantized(layer, config.unquantized_layers, checkpoint_ignore)
+        methods: dict[str, object] = {}
+
+        def method(precision: str):
+            precision = "bf16" if unquantized else precision
             if precision not in methods:
-                native = kernel_mode(precision, device) == "native"
-                shards = prequantized.tensors.get(layer.prefix) if prequantized else None
-                if precision == "bf16":
-                    methods[precision] = BF16Method(layer.weight, layer.bias)
-                elif shards and prequantized.scheme.name == precision:
-                    methods[precision] = _checkpoint_method(layer, shards, prequantized.scheme, native, compute_dtype)
-                elif precision == "fp8":
-                    methods[precision] = FP8Method.from_weight(layer.weight, layer.bias, native)
-                else:
-                    methods[precision] = NVFP4Method.from_weight(layer.weight, layer.output_sizes, layer.bias,
-                                                                 native, compute_dtype)
+                native = kernel_mode(precision, config.device_obj) == "native"
+                methods[precision] = _build_method(layer, precision, native, compute_dtype, prequantized)
             return methods[precision]
 
         layer.set_methods(method(config.precision(Phase.PREFILL)), method(config.precision(Phase.DECODE)))

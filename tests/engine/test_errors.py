@@ -34,7 +34,7 @@ def test_unknown_architecture_lists_supported(tiny_qwen3, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_qwen3, bad)
     config = json.loads((bad / "config.json").read_text())
-    config["architectures"] = ["Qwen3MoeForCausalLM"]
+    config["architectures"] = ["MixtralForCausalLM"]
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"unsupported architecture.*Qwen3ForCausalLM.*LlamaForCausalLM"):
         LLM(str(bad), device="cpu")
