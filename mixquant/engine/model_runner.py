@@ -76,8 +76,8 @@ class ModelRunner:
             loader.load_weights(self.model, iterate_tensors(resolve_model_path(config.model, config.revision)))
         prequantized = None
         if config.prefill_model:
-            prequantized = loader.read_prequantized(resolve_model_path(config.prefill_model, config.revision),
-                                                    self.device)
+            prequantized = loader.read_prequantized(
+                self.model, resolve_model_path(config.prefill_model, config.revision), self.device)
         loader.assign_methods(self.model, config, dtype, prequantized)
         # Where both phases compute alike (one precision, BF16 attention), the phase boundary changes no number.
         self.phases_alike = config.prefill_attention == "bf16" and all(

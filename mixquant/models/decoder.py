@@ -122,6 +122,9 @@ class CausalLM(nn.Module):
 
     qk_norm = False
     qkv_bias = False
+    # checkpoint name prefixes -> ours; None drops the tensors (the vision and audio towers of a multimodal checkpoint
+    # served text-only)
+    checkpoint_prefixes: dict[str, str | None] = {}
 
     def __init__(self, config, max_position: int):
         super().__init__()
@@ -131,6 +134,13 @@ class CausalLM(nn.Module):
         self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def checkpoint_name(self, name: str) -> str | None:
+        """Our name for a checkpoint tensor, or None for one this model does not hold."""
+        for prefix, ours in self.checkpoint_prefixes.items():
+            if name.startswith(prefix):
+                return None if ours is None else ours + name[len(prefix):]
+        return name
 
     def make_mlp(self, config, layer_index: int, prefix: str) -> nn.Module:
         return MLP(config, prefix)

@@ -6,6 +6,7 @@ config, except for layers a checkpoint's `ignore` list or the user's `unquantize
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -24,6 +25,8 @@ from mixquant.quantization.expert_methods import BF16Experts, ExpertsMethod, FP8
 from mixquant.quantization.linear_methods import (
     ActivationGroup, BF16Method, FP8Method, LinearMethod, NVFP4Method)
 from mixquant.utils.hf import iterate_tensors
+
+logger = logging.getLogger(__name__)
 
 # checkpoint module -> (our fused module, shard index)
 FUSED_SHARDS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -104,7 +107,12 @@ def load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]):
     loaded: set[str] = set()
     unexpected: list[str] = []
     tied = getattr(model.config, "tie_word_embeddings", False)
-    for name, tensor in tensors:
+    skipped = 0
+    for checkpoint_name, tensor in tensors:
+        name = model.checkpoint_name(checkpoint_name)
+        if name is None:
+            skipped += 1
+            continue
         if name.endswith(IGNORED_TENSORS) or (tied and name == "lm_head.weight"):
             continue
         filled = load_tensor(modules, name, tensor)
@@ -118,6 +126,9 @@ def load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]):
     missing = sorted(expected_tensors(model) - loaded)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
+    if skipped:
+        dropped = [p for p, ours in model.checkpoint_prefixes.items() if ours is None]
+        logger.info("text-only: skipped %d checkpoint tensors under %s", skipped, ", ".join(dropped))
 
 
 def init_dummy_weights(model: CausalLM, seed: int):
@@ -141,13 +152,16 @@ class PrequantizedCheckpoint:
     tensors: dict[str, dict[int | tuple[int, str], ShardTensors]] = field(default_factory=lambda: defaultdict(dict))
 
 
-def read_prequantized(path: Path, device: torch.device) -> PrequantizedCheckpoint:
+def read_prequantized(model: CausalLM, path: Path, device: torch.device) -> PrequantizedCheckpoint:
     config = json.loads((path / "config.json").read_text())
     if "quantization_config" not in config:
         raise ValueError(f"prefill_model {path} has no quantization_config: it is not a compressed-tensors checkpoint")
     checkpoint = PrequantizedCheckpoint(ct.parse_quantization_config(config["quantization_config"]))
     suffixes = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale", "weight", "bias")
-    for name, tensor in iterate_tensors(path):
+    for checkpoint_name, tensor in iterate_tensors(path):
+        name = model.checkpoint_name(checkpoint_name)
+        if name is None:
+            continue
         module_name, _, param_name = name.rpartition(".")
         if param_name not in suffixes or ".layers." not in module_name or "norm" in module_name:
             continue  # embeddings, norms and the head come from the BF16 model

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from mixquant import LLM, SamplingParams
 
@@ -90,3 +91,28 @@ def test_prefill_attention_defaults_to_bf16_and_serve_names_the_fp8_problem(tiny
     assert EngineConfig(model=str(tiny_qwen3), device="cpu").prefill_attention == "bf16"
     assert main(["serve", str(tiny_qwen3), "--device", "cpu", "--prefill-attention", "fp8"]) == 2
     assert "prefill_attention='fp8' needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_checkpoint_prefixes_map_and_drop_names(tiny_qwen3, tmp_path, monkeypatch, caplog):
+    """A multimodal checkpoint served text-only: its text weights under another prefix, a tower to skip."""
+    from safetensors.torch import load_file, save_file
+
+    from mixquant.models.decoder import Qwen3ForCausalLM
+
+    nested = tmp_path / "nested"
+    shutil.copytree(tiny_qwen3, nested)
+    tensors = {k.replace("model.", "model.language_model.", 1): v
+               for k, v in load_file(nested / "model.safetensors").items()}
+    tensors["model.visual.blocks.0.proj.weight"] = torch.zeros(4, 4)
+    save_file(tensors, str(nested / "model.safetensors"))
+    with pytest.raises(ValueError, match="no place for: .*model.language_model"):
+        LLM(str(nested), device="cpu", dtype="float32")
+    monkeypatch.setattr(Qwen3ForCausalLM, "checkpoint_prefixes",
+                        {"model.language_model.": "model.", "model.visual.": None})
+    with caplog.at_level("INFO", logger="mixquant.models.loader"):
+        nested_llm = LLM(str(nested), device="cpu", dtype="float32")
+    assert "skipped 1 checkpoint tensors under model.visual." in caplog.text
+    plain = LLM(str(tiny_qwen3), device="cpu", dtype="float32")
+    for (name, a), (_, b) in zip(nested_llm.engine.runner.model.named_parameters(),
+                                 plain.engine.runner.model.named_parameters()):
+        assert torch.equal(a, b), name
