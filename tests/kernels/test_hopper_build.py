@@ -223,3 +223,22 @@ def test_decode_kernels_compile_once_for_every_batch_shape(monkeypatch):
         keys = {str(binder(*args, **{k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")},
                            debug=False)[1]) for args, kwargs in recorder.calls}
         assert len(recorder.calls) == 5 and len(keys) == 1, (name, keys)
+
+
+GROUPED_GEMM_TYPES = dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", a_scale_ptr="*fp32", b_scale_ptr="*fp32",
+                          weight_ptr="*fp32", sorted_ids_ptr="*i32", block_experts_ptr="*i32", num_padded_ptr="*i32")
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("block_m", [16, 64], ids=["decode_tiles", "prefill_tiles"])
+def test_grouped_expert_gemm_builds_on_tensor_cores_without_spills(fp8, block_m):
+    from mixquant.kernels.fused_moe import _grouped_gemm_kernel
+
+    types = dict(GROUPED_GEMM_TYPES, **(dict(a_ptr="*fp8e4nv", b_ptr="*fp8e4nv") if fp8 else {}))
+    constexprs = dict(FP8=fp8, MUL_WEIGHT=True, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128 if fp8 else 64)
+    _, sass, usage = compile_for_hopper(_grouped_gemm_kernel, types, constexprs, num_stages=3)
+    assert "LOCAL:0" in usage and "STACK:0" in usage, usage
+    if block_m == 64:  # a warpgroup's tile: wgmma, FP8 operands multiplied as FP8
+        assert sass["QGMMA.64x64x32.F32.E4M3.E4M3" if fp8 else "HGMMA.64x64x16.F32.BF16"] > 0, sass
+    else:  # 16-row tiles (a few copies per expert) run mma.sync
+        assert sum(n for op, n in sass.items() if op.startswith("HMMA.16816.F32")) > 0, sass
