@@ -1,8 +1,9 @@
 """`mixquant quantize`: write a compressed-tensors checkpoint (NVFP4 W4A4 or FP8 dynamic) that vLLM reads too.
 
 NVFP4 activations need a static per-tensor global scale: it is calibrated by running the BF16 model over
-calibration text and recording each linear layer's input absmax. Linear layers inside the decoder blocks are
-quantized; embeddings, norms and lm_head are copied unchanged.
+calibration text and recording each linear layer's (and each expert's) input absmax. Linear layers and experts
+inside the decoder blocks are quantized, experts written one module per expert as llm-compressor writes them;
+embeddings, norms, MoE routers and lm_head are copied unchanged.
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from safetensors.torch import save_file
 
 from mixquant.config import EngineConfig
 from mixquant.engine.llm_engine import LLMEngine
+from mixquant.layers.activation import silu_and_mul
+from mixquant.layers.fused_moe import GroupedExperts, Router
 from mixquant.layers.linear import Linear
+from mixquant.models.loader import STACKED_EXPERTS
 from mixquant.quantization import compressed_tensors as ct
 from mixquant.sampling_params import SamplingParams
 from mixquant.utils.hf import iterate_tensors
@@ -33,15 +37,46 @@ CHECKPOINT_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tok
 SHARD_BYTES = 4 << 30
 
 
+def quantized_groups(model) -> list[list[str]]:
+    """Checkpoint modules quantized as one group (they share an input, and the engine fuses them): q/k/v, gate/up,
+    and each expert's gate/up; every other projection alone."""
+    groups = []
+    for layer in model.phase_routed_layers():
+        if isinstance(layer, GroupedExperts):
+            for e in range(layer.num_experts):
+                groups += [[f"{layer.prefix}.{e}.gate_proj", f"{layer.prefix}.{e}.up_proj"],
+                           [f"{layer.prefix}.{e}.down_proj"]]
+        else:
+            groups.append(layer.shard_module_names())
+    return groups
+
+
 def calibrate_input_amax(engine: LLMEngine, texts: list[str]) -> dict[str, torch.Tensor]:
-    """Largest |input| seen by each linear layer over the calibration texts."""
+    """Largest |input| seen by each quantized group over the calibration texts, keyed by the group's first module.
+
+    An expert's inputs are the rows routed to it (and for down_proj, their SiLU-and-multiply); an expert no
+    calibration row reached gets its layer's largest."""
     amax: dict[str, torch.Tensor] = {}
 
-    def record(layer: Linear, args):
-        seen = args[0].detach().abs().amax().float()
-        amax[layer.prefix] = torch.maximum(amax[layer.prefix], seen) if layer.prefix in amax else seen
+    def observe(key: str, x: torch.Tensor):
+        seen = x.detach().abs().amax().float()
+        amax[key] = torch.maximum(amax[key], seen) if key in amax else seen
 
-    hooks = [layer.register_forward_pre_hook(record) for layer in engine.runner.model.linear_layers()]
+    def linear_input(layer: Linear, args, kwargs):
+        x = args[0]
+        observe(layer.shard_module_names()[0], silu_and_mul(x) if kwargs.get("gated") else x)
+
+    def experts_input(layer: GroupedExperts, args):
+        x, _, topk_ids = args
+        for e in topk_ids.unique().tolist():
+            rows = x[(topk_ids == e).any(dim=-1)]
+            observe(f"{layer.prefix}.{e}.gate_proj", rows)
+            observe(f"{layer.prefix}.{e}.down_proj", silu_and_mul(rows @ layer.w13[e].t()))
+
+    model = engine.runner.model
+    hooks = [layer.register_forward_pre_hook(linear_input, with_kwargs=True) for layer in model.linear_layers()]
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    hooks += [layer.register_forward_pre_hook(experts_input) for layer in experts]
     try:
         for i, text in enumerate(texts):
             engine.add_request(f"calibration-{i}", text, SamplingParams(max_tokens=1))
@@ -50,7 +85,36 @@ def calibrate_input_amax(engine: LLMEngine, texts: list[str]) -> dict[str, torch
     finally:
         for hook in hooks:
             hook.remove()
+    for layer in experts:
+        for shard in ("gate_proj", "down_proj"):
+            keys = [f"{layer.prefix}.{e}.{shard}" for e in range(layer.num_experts)]
+            largest = torch.stack([amax[k] for k in keys if k in amax]).amax()
+            amax.update({k: largest for k in keys if k not in amax})
     return amax
+
+
+def per_expert_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors with 3-D expert tensors ([E, 2I, H] gate/up, [E, H, I] down) split into one module
+    per expert: the names vLLM and llm-compressor read in quantized checkpoints."""
+    out = {}
+    for name, tensor in tensors.items():
+        stacked = STACKED_EXPERTS.match(name)
+        if stacked is None:
+            out[name] = tensor
+            continue
+        for e, weight in enumerate(tensor):
+            names = ["down_proj"] if stacked["name"] == "down_proj" else ["gate_proj", "up_proj"]
+            for shard, part in zip(names, weight.chunk(len(names))):
+                out[f"{stacked['experts']}.{e}.{shard}.weight"] = part
+    return out
+
+
+def router_ignore(model) -> list[str]:
+    """`ignore` entries for the MoE routers (re:.*mlp.gate$ for Qwen3-MoE, as published recipes write it): they
+    are never quantized, and a reader that targets every Linear must be told."""
+    suffixes = {name.split(".layers.")[-1].split(".", 1)[-1] for name, m in model.named_modules()
+                if isinstance(m, Router)}
+    return [f"re:.*{suffix}$" for suffix in sorted(suffixes)]
 
 
 def quantize_checkpoint(model: str, output: str | Path, scheme: str, calibration_texts: list[str] | None = None,
@@ -60,29 +124,16 @@ def quantize_checkpoint(model: str, output: str | Path, scheme: str, calibration
     output = Path(output)
     engine = LLMEngine(EngineConfig(model=model, prefill_precision="bf16", decode_precision="bf16",
                                     device=device, enable_prefix_caching=False, max_num_seqs=8))
-    ignore = list(ignore or []) + ["lm_head"]
+    net = engine.runner.model
+    ignore = list(ignore or []) + ["lm_head"] + router_ignore(net)
     input_amax = calibrate_input_amax(engine, calibration_texts or DEFAULT_CALIBRATION) if scheme == "nvfp4" else {}
-    layers = {layer.prefix: layer for layer in engine.runner.model.linear_layers()}
-    shard_owner = {name: layer for layer in layers.values() for name in layer.shard_module_names()}
 
-    original = dict(iterate_tensors(engine.model_path))
-    tensors: dict[str, torch.Tensor] = {}
-    done: set[str] = set()
-    for name, tensor in original.items():
-        module = name.rpartition(".")[0]
-        layer = shard_owner.get(module)
-        if layer is None or not name.endswith(".weight") or ct.matches_ignore(module, ignore):
-            tensors[name] = tensor.contiguous()
-            continue
-        if layer.prefix in done:
-            continue
-        done.add(layer.prefix)
-        names = layer.shard_module_names()
-        weights = [original[f"{n}.weight"] for n in names]
-        tensors.update(ct.compress_linear_group(names, weights, scheme, input_amax.get(layer.prefix)))
-        for n in names:  # a bias stays as it is
-            if f"{n}.bias" in original:
-                tensors[f"{n}.bias"] = original[f"{n}.bias"]
+    tensors = per_expert_tensors(dict(iterate_tensors(engine.model_path)))
+    for names in quantized_groups(net):
+        if any(ct.matches_ignore(n, ignore) for n in names):
+            continue  # the whole group stays as it is, as the engine keeps a fused layer unquantized
+        weights = [tensors.pop(f"{n}.weight") for n in names]
+        tensors.update(ct.compress_linear_group(names, weights, scheme, input_amax.get(names[0])))  # bias stays
 
     output.mkdir(parents=True, exist_ok=True)
     _save_sharded(tensors, output)
