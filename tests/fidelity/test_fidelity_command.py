@@ -95,3 +95,12 @@ def test_accuracy_rule():
     assert is_correct("so the answer is \\boxed{\\frac{1}{2}}", "0.5")  # boxed, mathematically equal
     assert not is_correct("so the answer is \\boxed{3}", "0.5")
     assert not is_correct("", "9")
+
+
+def test_fidelity_on_a_moe_model(tiny_qwen3_moe, prompts_file, tmp_path):
+    out = tmp_path / "out"
+    assert main(["fidelity", str(tiny_qwen3_moe), "--pairs", "fp8/bf16,nvfp4/bf16", "--prompts", str(prompts_file),
+                 "--max-tokens", "4", "--dtype", "float32", "--device", "cpu", "--output-dir", str(out)]) == 0
+    pairs = json.loads((out / "fidelity.json").read_text())["pairs"]
+    for pair in ("fp8/bf16", "nvfp4/bf16"):
+        assert pairs[pair]["all"]["kl_mean"] > 0 and pairs[pair]["all"]["n"] == 3
