@@ -25,6 +25,8 @@ def _add_model_arguments(p):
     p.add_argument("--model", help="a checkpoint folder (its config is used; weights are random)")
     p.add_argument("--shape", default="qwen3-8b", help="a built-in shape with random weights (default qwen3-8b)")
     p.add_argument("--yarn", action="store_true", help="stretch the context 4x with YaRN (for 128k runs)")
+    p.add_argument("--hf-overrides", type=json.loads, default={},
+                   help='JSON merged into the config, as vllm\'s flag (e.g. \'{"num_hidden_layers": 24}\')')
     p.add_argument("--pairs", default="bf16/bf16,fp8/bf16,nvfp4/bf16", help="prefill/decode precision pairs")
     p.add_argument("--output-dir", default="bench-results")
 
@@ -67,7 +69,7 @@ def run_offline(args) -> int:
     from mixquant.bench.shapes import YARN_128K, shape_dir
 
     model = args.model or str(shape_dir(args.shape))
-    overrides = YARN_128K if args.yarn else None
+    overrides = {**(YARN_128K if args.yarn else {}), **args.hf_overrides} or None
     pairs = args.pairs.split(",")
     ceilings = offline.measure_ceilings()
     if args.kind == "prefill":

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from mixquant.bench.shapes import linear_params, prefill_flops
+from mixquant.bench.shapes import prefill_flops
 from mixquant.config import EngineConfig
 from mixquant.engine.llm_engine import LLMEngine
+from mixquant.layers.fused_moe import GroupedExperts
 from mixquant.sampling_params import SamplingParams
 from mixquant.utils.hf import load_config
 
@@ -107,18 +108,30 @@ def _random_prompt(length: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(0, min(vocab, 150000), (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def memory_notes(engine: LLMEngine) -> dict:
-    """Weight bytes held for both phases (fp8/bf16 keeps two copies) and the KV tokens left beside them."""
-    seen, total = set(), 0
-    tensors = [p for p in engine.runner.model.parameters()]
-    for layer in engine.runner.model.linear_layers():
+def _method_tensors(method) -> list[torch.Tensor]:
+    """The tensors a linear or experts method holds (an experts method's per-expert methods included)."""
+    tensors = []
+    for value in vars(method).values():
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, list):
+            tensors += [t for m in value if hasattr(m, "__dict__") for t in _method_tensors(m)]
+    return tensors
+
+
+def weight_bytes(engine: LLMEngine) -> int:
+    """Weight bytes held for both phases (fp8/bf16 keeps the BF16 weights and an FP8 copy)."""
+    tensors = list(engine.runner.model.parameters())
+    for layer in engine.runner.model.phase_routed_layers():
         for method in (layer.prefill_method, layer.decode_method):
-            tensors += [v for v in vars(method).values() if isinstance(v, torch.Tensor)]
-    for t in tensors:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return {"weight_gib": round(total / 2**30, 2), "kv_cache_tokens": engine.kv_cache_tokens()}
+            tensors += _method_tensors(method)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}  # views count once
+    return sum(storages.values())
+
+
+def memory_notes(engine: LLMEngine) -> dict:
+    """The weight memory of both phases and the KV tokens left beside it."""
+    return {"weight_gib": round(weight_bytes(engine) / 2**30, 2), "kv_cache_tokens": engine.kv_cache_tokens()}
 
 
 def bench_prefill(model: str, pairs: list[str], contexts: list[int], repeats: int, hf_overrides: dict | None,
@@ -180,7 +193,6 @@ def bench_decode(model: str, pairs: list[str], batches: list[int], context: int,
     for pair in pairs:
         engine = _engine(model, pair, context + steps + 64, 16384, max(batches), hf_overrides, eager=eager)
         notes = memory_notes(engine)
-        weight_bytes = _decode_weight_bytes(engine)
         kv_per_token = engine.runner.kv_bytes_per_block() / engine.config.block_size
         for batch in batches:
             for i in range(batch):
@@ -192,7 +204,7 @@ def bench_decode(model: str, pairs: list[str], batches: list[int], context: int,
             for i in range(batch):
                 engine.abort_request(f"d{i}")
             prefill, decode = pair.split("/")
-            bytes_per_step = weight_bytes + batch * (context + steps) * kv_per_token
+            bytes_per_step = _decode_weight_bytes(engine, batch) + batch * (context + steps) * kv_per_token
             rows.append(Row("decode", "mixquant", prefill, decode, context, batch, batch / t, t,
                             gbps=bytes_per_step / t / 1e9,
                             notes={**notes, "cuda_graphs": bool(engine.runner.graphs)}))
@@ -203,14 +215,28 @@ def bench_decode(model: str, pairs: list[str], batches: list[int], context: int,
     return rows
 
 
-def _decode_weight_bytes(engine: LLMEngine) -> int:
-    """Bytes a decode step streams: every decode-phase linear weight (and scales) plus the head."""
-    total = engine.runner.model.lm_head.weight.numel() * engine.runner.model.lm_head.weight.element_size()
-    for layer in engine.runner.model.linear_layers():
-        m = layer.decode_method
-        tensors = [getattr(m, name) for name in ("weight", "qweight", "weight_scale", "packed", "block_scale")
-                   if isinstance(getattr(m, name, None), torch.Tensor)]
-        total += sum(t.numel() * t.element_size() for t in tensors)
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _decode_weight_bytes(engine: LLMEngine, batch: int) -> int:
+    """Bytes a decode step of `batch` rows streams: every decode-phase linear weight (and scales), the head, and of
+    each MoE layer the experts its rows are routed to: top_k at batch 1, and beyond that the number a uniform
+    router reaches, E * (1 - (1 - k/E)^batch) (an estimate: random weights route close to uniformly)."""
+    model = engine.runner.model
+    total = _nbytes([model.lm_head.weight])
+    for layer in model.phase_routed_layers():
+        method = layer.decode_method
+        if isinstance(layer, GroupedExperts):
+            experts = layer.num_experts
+            top_k = engine.hf_config.num_experts_per_tok
+            reached = experts * (1 - (1 - top_k / experts) ** batch)
+            per_expert = _nbytes(_method_tensors(method)) / experts
+            total += int(reached * per_expert)
+            continue
+        total += _nbytes(getattr(method, name) for name in ("weight", "qweight", "weight_scale", "packed",
+                                                            "block_scale")
+                         if isinstance(getattr(method, name, None), torch.Tensor))
     return total
 
 

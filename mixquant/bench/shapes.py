@@ -10,6 +10,13 @@ SHAPES = {
                      intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                      head_dim=128, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
                      rope_theta=1000000.0, tie_word_embeddings=False, torch_dtype="bfloat16"),
+    # Qwen/Qwen3-30B-A3B's config.json: 128 experts, 8 a token, every layer sparse
+    "qwen3-30b-a3b": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048,
+                          intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                          max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                          tie_word_embeddings=False, torch_dtype="bfloat16"),
 }
 YARN_128K = {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
              "max_position_embeddings": 131072}
@@ -25,13 +32,27 @@ def shape_dir(name: str) -> Path:
     return path
 
 
+def is_sparse_layer(config, index: int) -> bool:
+    """Whether layer `index` of a MoE config has experts (Qwen3-MoE's rule; dense configs have none)."""
+    return (getattr(config, "num_experts", 0) > 0 and index not in (getattr(config, "mlp_only_layers", None) or [])
+            and (index + 1) % getattr(config, "decoder_sparse_step", 1) == 0)
+
+
 def linear_params(config) -> int:
-    """Weights a token's linear layers multiply by (all decoder linears plus lm_head)."""
-    h, i = config.hidden_size, config.intermediate_size
+    """Weights one token's decoder linear layers multiply by: attention, and the dense MLP or the router plus the
+    top-k experts it is routed to."""
+    h = config.hidden_size
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     d = getattr(config, "head_dim", None) or h // heads
-    per_layer = h * (heads + 2 * kv) * d + heads * d * h + 3 * h * i
-    return per_layer * config.num_hidden_layers
+    attention = h * (heads + 2 * kv) * d + heads * d * h
+    total = 0
+    for index in range(config.num_hidden_layers):
+        if is_sparse_layer(config, index):
+            mlp = h * config.num_experts + config.num_experts_per_tok * 3 * h * config.moe_intermediate_size
+        else:
+            mlp = 3 * h * config.intermediate_size
+        total += attention + mlp
+    return total
 
 
 def prefill_flops(config, tokens: int) -> float:

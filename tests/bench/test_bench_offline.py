@@ -53,3 +53,28 @@ def test_unknown_prefill_attention_is_named(tiny_qwen3, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "prefill", "--model", str(tiny_qwen3), "--prefill-attention", "bf16,fp16"])
     assert "'bf16,fp16': each prefill attention must be one of auto, bf16, fp8, fp8-cudnn" in capsys.readouterr().err
+
+
+def test_active_parameters_of_the_qwen3_30b_a3b_shape():
+    from transformers import Qwen3MoeConfig
+
+    shape = {k: v for k, v in SHAPES["qwen3-30b-a3b"].items() if k not in ("architectures", "model_type")}
+    config = Qwen3MoeConfig(**shape)
+    attention = 2048 * (32 + 8) * 128 + 32 * 128 * 2048
+    experts = 2048 * 128 + 8 * 3 * 2048 * 768  # router, and the 8 routed experts' gate/up/down
+    assert linear_params(config) == 48 * (attention + experts)
+    assert 2.9e9 < linear_params(config) + 2 * 151936 * 2048 < 3.4e9  # "A3B": ~3.3B active with embeddings and head
+
+
+def test_decode_bytes_and_memory_of_a_moe_model(tiny_qwen3_moe, tmp_path):
+    from mixquant.bench.offline import _decode_weight_bytes, _engine, _method_tensors, weight_bytes
+
+    bf16 = _engine(str(tiny_qwen3_moe), "bf16/bf16", 64, 64, 4, None, eager=True)
+    fp8 = _engine(str(tiny_qwen3_moe), "fp8/bf16", 64, 64, 4, None, eager=True)
+    experts = bf16.runner.model.model.layers[0].mlp.experts
+    all_experts = sum(t.numel() * t.element_size() for t in _method_tensors(experts.decode_method))
+    one, many = _decode_weight_bytes(bf16, 1), _decode_weight_bytes(bf16, 1000)
+    assert many - one == all_experts - 2 * all_experts // 8  # batch 1 reads 2 of 8 experts, a large batch all
+    # fp8/bf16 holds the BF16 weights and an FP8 copy of every quantized layer, experts included
+    fp8_experts = fp8.runner.model.model.layers[0].mlp.experts.prefill_method
+    assert weight_bytes(fp8) - weight_bytes(bf16) > sum(t.numel() for t in (fp8_experts.q13, fp8_experts.q2))
