@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from mixquant.layers.activation import check_activation
 from mixquant.layers.attention import Attention
 from mixquant.layers.embed_head import LMHead, VocabEmbedding
 from mixquant.layers.layernorm import RMSNorm
@@ -49,9 +50,11 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config, prefix: str):
+    def __init__(self, config, prefix: str, activation: str | None = None):
+        """activation: the gate's (layers.activation.GATED_ACTIVATIONS), config.hidden_act unless given."""
         super().__init__()
         inter = config.intermediate_size
+        self.activation = check_activation(activation or config.hidden_act)
         self.gate_up_proj = Linear(config.hidden_size, [inter, inter], False, f"{prefix}.gate_up_proj",
                                    shard_names=["gate_proj", "up_proj"])
         self.down_proj = Linear(inter, [config.hidden_size], False, f"{prefix}.down_proj")
@@ -60,8 +63,8 @@ class MLP(nn.Module):
         return self.gate_up_proj.takes_quantized_rows(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # down_proj applies SiLU-and-multiply to its input itself: an FP8 method quantizes the product as it forms
-        return self.down_proj(self.gate_up_proj(x), gated=True)
+        # down_proj applies the gated activation to its input itself: an FP8 method quantizes the product as it forms
+        return self.down_proj(self.gate_up_proj(x), activation=self.activation)
 
 
 MakeMLP = Callable[[object, int, str], nn.Module]  # (config, layer index, prefix) -> the layer's MLP
