@@ -20,7 +20,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from mixquant.kernels.fp8_attention import _LOG2_FP8_MAX, PrefillConfig, _fp8_prefill_kernel, _quantize_blocks_kernel
-from mixquant.kernels.paged_attention import _decode_split_kernel, _merge_kernel
+from mixquant.kernels.paged_attention import DecodeConfig, _decode_split_kernel, _merge_kernel
+from mixquant.kernels.prefill_attention import PagedPrefillConfig, _paged_prefill_kernel
 from mixquant.kernels.quant import _per_token_quant_kernel, _rms_norm_quant_kernel
 from mixquant.kernels.rotary import _norm_rope_kernel
 from mixquant.quantization.fp8 import _ZERO_ROW_SCALE, FP8_MAX
@@ -77,6 +78,32 @@ def test_decode_split_kernel_builds_on_tensor_cores_without_spills(variant):
     if variant == "qwen3_8b_bf16":
         assert sass["HMMA.16816.F32.BF16"] > 0, "the two dots should run on the tensor cores"
         assert sass["LDGSTS.E.BYPASS.128"] > 0, "K/V tiles should stream in as 16-byte async copies"
+
+
+@pytest.mark.parametrize("head_dim,group", [(256, 2), (512, 8)], ids=["gemma4_31b_sliding", "gemma4_31b_full"])
+def test_decode_split_kernel_builds_for_gemma4_heads_without_spills(head_dim, group):
+    """Gemma 4 31B's two geometries (32 query heads over 16 KV heads of 256, over 4 of 512), with the tiles
+    DecodeConfig picks for them, a sliding window or not (a runtime argument)."""
+    config = DecodeConfig.for_head_dim(head_dim)
+    constexprs = dict(ATTENTION_CONSTEXPRS, GROUP=group, HEAD_DIM=head_dim, BLOCK_N=config.block_n)
+    _, sass, usage = compile_for_hopper(_decode_split_kernel, ATTENTION_TYPES, constexprs,
+                                        num_warps=config.num_warps, num_stages=config.num_stages)
+    assert "LOCAL:0" in usage and "STACK:0" in usage, usage
+    assert sass["HMMA.16816.F32.BF16"] > 0, "the two dots should run on the tensor cores"
+
+
+@pytest.mark.parametrize("head_dim,group", [(128, 4), (256, 2), (512, 8)],
+                         ids=["d128", "gemma4_31b_sliding", "gemma4_31b_full"])
+def test_paged_prefill_kernel_builds_on_tensor_cores_without_spills(head_dim, group):
+    """The Triton prefill attention of windows and wide heads, with the tiles PagedPrefillConfig picks."""
+    config = PagedPrefillConfig.for_head_dim(head_dim)
+    _, sass, usage = compile_for_hopper(
+        _paged_prefill_kernel, dict(q_ptr="*bf16", k_cache_ptr="*bf16", v_cache_ptr="*bf16", table_ptr="*i64",
+                                    out_ptr="*bf16", qk_scale="fp32"),
+        dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+             DOT_PRECISION="tf32"), num_warps=config.num_warps, num_stages=config.num_stages)
+    assert "LOCAL:0" in usage and "STACK:0" in usage, usage
+    assert any(op.startswith(("HMMA", "HGMMA")) for op in sass), "the two dots should run on the tensor cores"
 
 
 def test_merge_kernel_builds():
