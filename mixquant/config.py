@@ -178,6 +178,9 @@ class EngineConfig:
                 raise ValueError(f"prefill_attention='fp8-cudnn' cannot run: {reason}")
         # fresh prefill segments shorter than this attend in the model dtype whatever prefill_attention says
         self.fp8_attention_min_tokens = 0
+        # 'auto' falls back to the model dtype on models whose attention the FP8 kernels cannot take (the runner
+        # checks the layers); an explicit FP8 choice is refused there
+        self.prefill_attention_auto = self.prefill_attention == "auto"
         if self.prefill_attention == "auto":
             fast = self.prefill_precision == "fp8" and fp8_cudnn_unavailable_reason(self.device_obj) is None
             self.prefill_attention = "fp8-cudnn" if fast else "bf16"

@@ -53,8 +53,10 @@ class LLMEngine:
     def _reset_state(self):
         """No requests, an empty KV cache and prefix cache, counters at zero."""
         config = self.config
+        layout = self.runner.kv_layout
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
-                                          config.prefill_precision, config.decode_precision)
+                                          config.prefill_precision, config.decode_precision, layout.window,
+                                          layout.window_units)
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, Request] = {}
         self.default_generator = torch.Generator(device=config.device_obj).manual_seed(config.seed)
@@ -133,9 +135,11 @@ class LLMEngine:
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens, which leaves no room to generate within "
                              f"max_model_len={self.max_model_len}")
-        if self.block_manager.blocks_needed(len(token_ids) + 1) > self.block_manager.num_blocks:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens but the KV cache holds only "
-                             f"{self.block_manager.num_blocks * self.config.block_size}")
+        needed = self.block_manager.peak_units(len(token_ids) + 1, self.config.max_num_batched_tokens)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens, whose KV takes {needed} blocks of "
+                             f"{self.config.block_size} tokens, but the KV cache holds only "
+                             f"{self.block_manager.num_blocks}")
 
     def abort_request(self, request_id: str) -> bool:
         request = self.requests.pop(request_id, None)
@@ -305,6 +309,7 @@ class LLMEngine:
             "prefix_cache_queries": bm.prefix_cache_queries,
             "prefix_cache_hits": bm.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_window_blocks_released": bm.window_blocks_released,
             "prompt_tokens": self.num_prompt_tokens,
             "generation_tokens": self.num_generation_tokens,
             "tokens_computed": {f"{phase}/{precision}": n for (phase, precision), n in self.tokens_computed.items()},

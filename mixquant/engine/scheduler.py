@@ -62,7 +62,7 @@ class Scheduler:
         # New sequences wait while running ones are being preempted, so the two do not evict each other in turn.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            if not self.block_manager.allocate(seq):
+            if not self.block_manager.allocate(seq, budget):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

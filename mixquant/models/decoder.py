@@ -117,6 +117,10 @@ class DecoderModel(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)
+        return self.final_norm(x, residual)
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The last layer's output (x + residual) through the final norm: the hidden states the head reads."""
         return self.norm(x, residual)[0]
 
 
@@ -132,8 +136,7 @@ class CausalLM(nn.Module):
     def __init__(self, config, max_position: int):
         super().__init__()
         self.config = config
-        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
-        self.model = DecoderModel(config, self.qk_norm, qkv_bias, max_position, self.make_mlp)
+        self.model = self.make_model(config, max_position)
         self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -144,6 +147,13 @@ class CausalLM(nn.Module):
             if name.startswith(prefix):
                 return None if ours is None else ours + name[len(prefix):]
         return name
+
+    def make_model(self, config, max_position: int) -> nn.Module:
+        """The decoder stack (embeddings, layers, final norm); a family with other layers (models/gemma4.py)
+        builds its own, which runs the same way: forward(input_ids, positions), embed_tokens, layers with
+        before_attention / after_attention, final_norm."""
+        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
+        return DecoderModel(config, self.qk_norm, qkv_bias, max_position, self.make_mlp)
 
     def make_mlp(self, config, layer_index: int, prefix: str) -> nn.Module:
         return MLP(config, prefix)

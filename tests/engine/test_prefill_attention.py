@@ -29,7 +29,7 @@ def step(prefill_attention: str, min_tokens: int = 0):
 def test_only_prefill_segments_are_offered_the_fp8_path(monkeypatch, prefill_attention, min_tokens, expected):
     offered = []
 
-    def record(q, k, v, k_cache, v_cache, seg, scale, attention="bf16"):
+    def record(q, k, v, k_cache, v_cache, seg, scale, attention="bf16", window=None):
         offered.append(attention)
         return q[seg.row_start:seg.row_end]
 
