@@ -46,7 +46,8 @@ def _merge(base: dict, overrides: dict) -> dict:
 
 
 def load_config(path: Path, hf_overrides: dict | None = None):
-    """config.json with `hf_overrides` merged in before the config object is built (as `vllm serve --hf-overrides`).
+    """config.json with `hf_overrides` merged in before the config object is built (as `vllm serve --hf-overrides`);
+    of a multimodal checkpoint, its text config.
 
     A `rope_scaling` override on a checkpoint written in the newer `rope_parameters` layout is merged into
     `rope_parameters`, so `rope_theta` survives (YaRN on Qwen3: {"rope_scaling": {"rope_type": "yarn", ...}}).
@@ -62,7 +63,14 @@ def load_config(path: Path, hf_overrides: dict | None = None):
     model_type = raw.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"{config_file}: unknown model_type {model_type!r}")
-    return CONFIG_MAPPING[model_type].from_dict(raw)
+    config = CONFIG_MAPPING[model_type].from_dict(raw)
+    text = config.get_text_config()
+    if text is not config:
+        # a multimodal checkpoint served text-only (Gemma 4): the engine reads its language model's config, under
+        # the checkpoint's architecture (which names the checkpoint's tensor layout) and dtype
+        text.architectures = config.architectures
+        text.dtype = text.dtype or config.dtype
+    return text
 
 
 def safetensors_files(path: Path) -> list[Path]:
