@@ -151,8 +151,8 @@ class BlockManager:
         window_new = self._window_blocks_missing(seq, computed, end)
         held = hits + [unit for units in window_hits if units for unit in units]
         revived = sum(1 for b in held if self.blocks[b].ref_count == 0)
-        new = self.blocks_needed(seq.num_tokens) - len(hits) + self.window_units * len(window_new)
-        if new + revived > self.num_free_blocks:
+        full_new = self.blocks_needed(seq.num_tokens) - len(hits)
+        if full_new + self.window_units * len(window_new) + revived > self.num_free_blocks:
             seq.window_table = []
             return False
         for block_id in held:
@@ -160,7 +160,7 @@ class BlockManager:
             if block.ref_count == 0:
                 del self.free[block_id]
             block.ref_count += 1
-        seq.block_table = hits + [self._take_free_block() for _ in range(self.blocks_needed(seq.num_tokens) - len(hits))]
+        seq.block_table = hits + [self._take_free_block() for _ in range(full_new)]
         self._take_window_blocks(seq, window_new)
         seq.num_computed_tokens = computed
         seq.num_hashed_blocks = len(hits)

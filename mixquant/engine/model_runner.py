@@ -73,7 +73,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.model = loader.build_model(hf_config, dtype, self.device, max_model_len)
         self.kv_layout = KVCacheLayout(self.model.attention_layers(), self.block_size, dtype)
-        self.prefill_attention, self.fp8_attention_min_tokens = config.prefill_attention, config.fp8_attention_min_tokens
+        self.prefill_attention = config.prefill_attention
+        self.fp8_attention_min_tokens = config.fp8_attention_min_tokens
         if self.prefill_attention != "bf16":
             self._check_fp8_prefill_attention()
         if config.load_format == "dummy":

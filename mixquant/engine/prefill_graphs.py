@@ -16,7 +16,6 @@ import torch
 
 from mixquant.utils.context import ForwardContext, forward_context
 
-
 # Beyond this many prefill rows the GPU's work hides the host's. On an H200 (docs/benchmarks.md) graphs against eager
 # were 2% slower at 8,192 rows in both bf16/bf16 and fp8/bf16 (the static buffers' copies); at 4,096 rows 4% slower
 # in bf16/bf16 and 1.48x faster in fp8/bf16; at 2,048 1.07x and 2.69x faster.

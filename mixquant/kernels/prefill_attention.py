@@ -93,7 +93,8 @@ def _paged_prefill_kernel(
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                             context_start: int, scale: float, window: int | None = None, first_block: int = 0,
-                            out: torch.Tensor | None = None, *, config: PagedPrefillConfig | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None, *,
+                            config: PagedPrefillConfig | None = None) -> torch.Tensor:
     """Causal (or sliding-window) softmax(q k^T * scale) v of a segment of n query rows; returns out [n, heads, D].
 
     q [n, heads, D] at positions [context_start, context_start + n), last dim contiguous; k_cache, v_cache
