@@ -160,8 +160,10 @@ class ChatEndpoint:
             max_tokens = ctx.check_max_tokens(request.max_tokens, "max_tokens", len(token_ids))
         num_top = (request.top_logprobs or 0) if request.logprobs else None
         params = ctx.sampling_params(request, max_tokens, num_top)
-        group = await ctx.submit([token_ids], params, "messages")
         parser = self._output_parser(tool_choice, template_kwargs)
+        if parser.needs_special_tokens:
+            params.skip_special_tokens = False  # the parser reads the model's markers, which are special tokens
+        group = await ctx.submit([token_ids], params, "messages")
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         if request.stream:
             return event_stream(self._stream(request, http_request, group, parser, tool_choice, response_id, model))
