@@ -178,13 +178,18 @@ class EngineConfig:
                 raise ValueError(f"prefill_attention='fp8-cudnn' cannot run: {reason}")
         # fresh prefill segments shorter than this attend in the model dtype whatever prefill_attention says
         self.fp8_attention_min_tokens = 0
-        # 'auto' falls back to the model dtype on models whose attention the FP8 kernels cannot take (the runner
-        # checks the layers); an explicit FP8 choice is refused there
         self.prefill_attention_auto = self.prefill_attention == "auto"
         if self.prefill_attention == "auto":
             fast = self.prefill_precision == "fp8" and fp8_cudnn_unavailable_reason(self.device_obj) is None
             self.prefill_attention = "fp8-cudnn" if fast else "bf16"
             self.fp8_attention_min_tokens = AUTO_FP8_ATTENTION_MIN_TOKENS if fast else 0
+
+    def fp8_attention_unsupported(self, why: str):
+        """The model's attention layers cannot take the FP8 prefill kernels (the runner knows them): an explicit
+        FP8 choice is refused, 'auto' attends in the model dtype."""
+        if not self.prefill_attention_auto:
+            raise ValueError(f"prefill_attention={self.prefill_attention!r} cannot run: {why}")
+        self.prefill_attention, self.fp8_attention_min_tokens = "bf16", 0
 
     def precision(self, phase: Phase) -> str:
         return self.prefill_precision if phase is Phase.PREFILL else self.decode_precision

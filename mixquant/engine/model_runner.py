@@ -73,9 +73,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.model = loader.build_model(hf_config, dtype, self.device, max_model_len)
         self.kv_layout = KVCacheLayout(self.model.attention_layers(), self.block_size, dtype)
-        self.prefill_attention = config.prefill_attention
-        self.fp8_attention_min_tokens = config.fp8_attention_min_tokens
-        if self.prefill_attention != "bf16":
+        if config.prefill_attention != "bf16":
             self._check_fp8_prefill_attention()
         if config.load_format == "dummy":
             loader.init_dummy_weights(self.model, config.seed)
@@ -87,7 +85,7 @@ class ModelRunner:
                 self.model, resolve_model_path(config.prefill_model, config.revision), self.device)
         loader.assign_methods(self.model, config, dtype, prequantized)
         # Where both phases compute alike (one precision, BF16 attention), the phase boundary changes no number.
-        self.phases_alike = self.prefill_attention == "bf16" and all(
+        self.phases_alike = config.prefill_attention == "bf16" and all(
             layer.prefill_method is layer.decode_method for layer in self.model.phase_routed_layers())
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -112,20 +110,18 @@ class ModelRunner:
         from mixquant.kernels.fp8_attention import HEAD_DIMS
 
         misfits = sorted({(layer.head_dim, layer.window) for layer in self.model.attention_layers()
-                          if layer.head_dim not in HEAD_DIMS or layer.window is not None})
+                          if layer.head_dim not in HEAD_DIMS or layer.window is not None}, key=str)
         if not misfits and self.dtype in (torch.bfloat16, torch.float16):
             return
         why = (f"it needs head_dim in {HEAD_DIMS}, no sliding window and a 16-bit dtype; this model has "
                f"(head_dim, window) {misfits or 'fine'}, dtype {self.dtype}")
-        if not self.config.prefill_attention_auto:
-            raise ValueError(f"prefill_attention={self.prefill_attention!r} cannot run: {why}")
+        self.config.fp8_attention_unsupported(why)
         logger.info("FP8 prefill attention off (prefill_attention='auto'): %s", why)
-        self.prefill_attention, self.fp8_attention_min_tokens = "bf16", 0
 
     def _prefill_attention(self) -> dict:
-        """The ForwardContext fields that say which prefill segments attend in FP8 (EngineConfig decides, the
-        model's attention permitting)."""
-        return dict(prefill_attention=self.prefill_attention, fp8_attention_min_tokens=self.fp8_attention_min_tokens)
+        """The ForwardContext fields that say which prefill segments attend in FP8 (EngineConfig decides)."""
+        return dict(prefill_attention=self.config.prefill_attention,
+                    fp8_attention_min_tokens=self.config.fp8_attention_min_tokens)
 
     # ---- KV cache -------------------------------------------------------------------------------------------
 

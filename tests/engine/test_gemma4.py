@@ -79,6 +79,30 @@ def test_layers_follow_the_layer_types(tiny_gemma4):
     assert geometry == [sliding, sliding, (32, 1, None, ["q_proj", "k_proj"], 1.0)]
 
 
+def test_fp8_prefill_attention_leaves_gemma4_in_the_model_dtype(tiny_gemma4):
+    """The FP8 prefill kernels take head_dim 64/128 and no window: 'auto' (as it resolves on a Hopper) falls back to
+    the model dtype for Gemma 4, an explicit FP8 choice is refused with the layers that cannot take it."""
+    runner = _llm(tiny_gemma4).engine.runner
+    runner.config.prefill_attention, runner.config.fp8_attention_min_tokens = "fp8-cudnn", 7168
+    runner._check_fp8_prefill_attention()
+    assert (runner.config.prefill_attention, runner.config.fp8_attention_min_tokens) == ("bf16", 0)
+    runner.config.prefill_attention, runner.config.prefill_attention_auto = "fp8", False
+    with pytest.raises(ValueError, match=r"prefill_attention='fp8' cannot run: .*\(16, 8\), \(32, None\)"):
+        runner._check_fp8_prefill_attention()
+
+
+def test_prefill_pieces_give_the_eager_tokens(tiny_gemma4_moe):
+    """The piecewise prefill path (CUDA graphs on a GPU; here eagerly through its static buffers) with two layer
+    geometries in one set of buffers and a layer protocol whose residual is the layer's input; fp8/bf16, so the
+    prompts' last tokens run apart, as the decode tail, in every cache group."""
+    from tests.engine.test_prefill_graphs import _with_prefill_pieces
+
+    expected = _tokens(_llm(tiny_gemma4_moe, "fp8", "bf16"), PROMPTS)
+    pieces = _llm(tiny_gemma4_moe, "fp8", "bf16", block_size=4)
+    used = _with_prefill_pieces(pieces, [16, 128])
+    assert _tokens(pieces, PROMPTS) == expected and used
+
+
 def test_text_only_serving_skips_the_towers_and_reads_a_text_checkpoint_alike(tiny_gemma4, tmp_path, caplog):
     """The hub layout loads with the vision tower dropped (and said so); the same weights saved as a gemma4_text
     Gemma4ForCausalLM checkpoint load into the same parameters and match transformers' Gemma4ForCausalLM."""
@@ -168,6 +192,9 @@ def test_the_pool_layout_of_the_real_shapes(kind, expected):
     assert layout.padding_fraction() == pytest.approx(expected["padding"])
     assert layout.bytes_per_token() == {"full": expected["full"], "sliding": expected["sliding"]}
     assert {layer.kv_group for layer in layers[-full_layers:]} == {0}
+    # one sequence in 100,000 units, prefilled 8,192 tokens a step: all but the sliding layers' units for a chunk
+    # and the window before it (ceil((1,023 + 8,192) / 16) + 1 = 577 blocks) hold full-layer blocks
+    assert layout.max_tokens(100_000, 8192) == (100_000 - expected["window_units"] * 577) * 16
 
 
 def _full_layer_keys(llm, seq_id: str, positions: int) -> torch.Tensor:
