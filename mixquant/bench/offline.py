@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mixquant.bench.shapes import prefill_flops
+from mixquant.bench.shapes import experts_per_token, prefill_flops
 from mixquant.config import EngineConfig
 from mixquant.engine.llm_engine import LLMEngine
 from mixquant.layers.fused_moe import GroupedExperts
@@ -193,7 +193,8 @@ def bench_decode(model: str, pairs: list[str], batches: list[int], context: int,
     for pair in pairs:
         engine = _engine(model, pair, context + steps + 64, 16384, max(batches), hf_overrides, eager=eager)
         notes = memory_notes(engine)
-        kv_per_token = engine.runner.kv_bytes_per_block() / engine.config.block_size
+        layout = engine.runner.kv_layout
+        kv_per_token = layout.bytes_per_token()
         for batch in batches:
             for i in range(batch):
                 engine.add_request(f"d{i}", _random_prompt(context, engine.hf_config.vocab_size, i),
@@ -204,7 +205,10 @@ def bench_decode(model: str, pairs: list[str], batches: list[int], context: int,
             for i in range(batch):
                 engine.abort_request(f"d{i}")
             prefill, decode = pair.split("/")
-            bytes_per_step = _decode_weight_bytes(engine, batch) + batch * (context + steps) * kv_per_token
+            # each row reads all its positions in full-attention layers and its window's in sliding ones
+            kv_read = (kv_per_token["full"] * (context + steps)
+                       + kv_per_token["sliding"] * min(context + steps, layout.window or 0))
+            bytes_per_step = _decode_weight_bytes(engine, batch) + batch * kv_read
             rows.append(Row("decode", "mixquant", prefill, decode, context, batch, batch / t, t,
                             gbps=bytes_per_step / t / 1e9,
                             notes={**notes, "cuda_graphs": bool(engine.runner.graphs)}))
@@ -229,7 +233,7 @@ def _decode_weight_bytes(engine: LLMEngine, batch: int) -> int:
         method = layer.decode_method
         if isinstance(layer, GroupedExperts):
             experts = layer.num_experts
-            top_k = engine.hf_config.num_experts_per_tok
+            top_k = experts_per_token(engine.hf_config)
             reached = experts * (1 - (1 - top_k / experts) ** batch)
             per_expert = _nbytes(_method_tensors(method)) / experts
             total += int(reached * per_expert)

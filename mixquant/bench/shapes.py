@@ -17,6 +17,22 @@ SHAPES = {
                           num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
                           max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
                           tie_word_embeddings=False, torch_dtype="bfloat16"),
+    # google/gemma-4-31B-it's text config as third-party copies of its config.json give it (not checked against the
+    # hub): layers 5 sliding (16 KV heads of 256, window 1,024) to 1 full (4 KV heads of 512, K = V); text only
+    "gemma4-31b": dict(architectures=["Gemma4ForCausalLM"], model_type="gemma4_text", hidden_size=5376,
+                       intermediate_size=21504, num_hidden_layers=60, num_attention_heads=32, num_key_value_heads=16,
+                       head_dim=256, global_head_dim=512, num_global_key_value_heads=4, attention_k_eq_v=True,
+                       sliding_window=1024, vocab_size=262144, max_position_embeddings=262144, rms_norm_eps=1e-6,
+                       hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=30.0, tie_word_embeddings=True,
+                       hidden_size_per_layer_input=0, torch_dtype="bfloat16"),
+    # google/gemma-4-26B-A4B-it (one third-party source): 128 experts, 8 a token, beside a dense MLP in every layer
+    "gemma4-26b-a4b": dict(architectures=["Gemma4ForCausalLM"], model_type="gemma4_text", hidden_size=2816,
+                           intermediate_size=2112, num_hidden_layers=30, num_attention_heads=16, num_key_value_heads=8,
+                           head_dim=256, global_head_dim=512, num_global_key_value_heads=2, attention_k_eq_v=True,
+                           sliding_window=1024, enable_moe_block=True, num_experts=128, top_k_experts=8,
+                           moe_intermediate_size=704, vocab_size=262144, max_position_embeddings=262144,
+                           rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=30.0,
+                           tie_word_embeddings=True, hidden_size_per_layer_input=0, torch_dtype="bfloat16"),
 }
 YARN_128K = {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
              "max_position_embeddings": 131072}
@@ -33,31 +49,51 @@ def shape_dir(name: str) -> Path:
 
 
 def is_sparse_layer(config, index: int) -> bool:
-    """Whether layer `index` of a MoE config has experts (Qwen3-MoE's rule; dense configs have none)."""
+    """Whether layer `index` of a MoE config has experts (Qwen3-MoE's rule, Gemma 4's enable_moe_block; dense
+    configs have none)."""
+    if hasattr(config, "enable_moe_block"):
+        return config.enable_moe_block
     return (getattr(config, "num_experts", 0) > 0 and index not in (getattr(config, "mlp_only_layers", None) or [])
             and (index + 1) % getattr(config, "decoder_sparse_step", 1) == 0)
 
 
+def experts_per_token(config) -> int:
+    return getattr(config, "num_experts_per_tok", None) or config.top_k_experts
+
+
+def attention_geometry(config) -> list[tuple[int, int, bool, int | None]]:
+    """(KV heads, head_dim, K = V, window) of each layer: Gemma 4's by layer type, one for every layer otherwise."""
+    if config.model_type == "gemma4_text":
+        from mixquant.models.gemma4 import layer_specs
+
+        return [(s.num_kv_heads, s.head_dim, s.k_eq_v, s.window) for s in layer_specs(config)]
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return [(config.num_key_value_heads, d, False, None)] * config.num_hidden_layers
+
+
 def linear_params(config) -> int:
-    """Weights one token's decoder linear layers multiply by: attention, and the dense MLP or the router plus the
-    top-k experts it is routed to."""
-    h = config.hidden_size
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    d = getattr(config, "head_dim", None) or h // heads
-    attention = h * (heads + 2 * kv) * d + heads * d * h
+    """Weights one token's decoder linear layers multiply by: attention, and the dense MLP and/or the router plus
+    the top-k experts it is routed to (Gemma 4's MoE layers have both)."""
+    h, heads = config.hidden_size, config.num_attention_heads
     total = 0
-    for index in range(config.num_hidden_layers):
+    for index, (kv, d, k_eq_v, _) in enumerate(attention_geometry(config)):
+        total += h * (heads + (1 if k_eq_v else 2) * kv) * d + heads * d * h
+        dense = 3 * h * config.intermediate_size
         if is_sparse_layer(config, index):
-            mlp = h * config.num_experts + config.num_experts_per_tok * 3 * h * config.moe_intermediate_size
+            experts = h * config.num_experts + experts_per_token(config) * 3 * h * config.moe_intermediate_size
+            total += experts + (dense if getattr(config, "enable_moe_block", False) else 0)
         else:
-            mlp = 3 * h * config.intermediate_size
-        total += attention + mlp
+            total += dense
     return total
 
 
 def prefill_flops(config, tokens: int) -> float:
-    """Linear layers for every token, the head for the last one, and causal attention (QK^T and PV)."""
+    """Linear layers for every token, the head for the last one, and causal attention (QK^T and PV): over all
+    earlier keys, or the last `window` of them in a sliding-window layer."""
     heads = config.num_attention_heads
-    d = getattr(config, "head_dim", None) or config.hidden_size // heads
-    attention = 2 * 2 * heads * d * tokens * (tokens + 1) / 2 * config.num_hidden_layers
+    attention = 0.0
+    for _, d, _, window in attention_geometry(config):
+        span = tokens if window is None else min(window, tokens)
+        pairs = span * (span + 1) / 2 + (tokens - span) * span  # sum over positions p of min(p + 1, span)
+        attention += 2 * 2 * heads * d * pairs
     return 2 * linear_params(config) * tokens + 2 * config.hidden_size * config.vocab_size + attention

@@ -35,6 +35,17 @@ def peak_units(num_tokens: int, chunk: int, block_size: int, window: int | None,
     return blocks + window_units * min(blocks, window_blocks)
 
 
+def max_tokens(units: int, chunk: int, block_size: int, window: int | None, window_units: int) -> int:
+    """The longest sequence `units` units hold (peak_units inverted): every unit a full-layer block, less the
+    sliding layers' blocks within one chunk and the window before it."""
+    if not window_units:
+        return units * block_size
+    window_blocks = -(-(window - 1 + chunk) // block_size) + 1
+    if units >= (1 + window_units) * window_blocks:
+        return (units - window_units * window_blocks) * block_size
+    return units // (1 + window_units) * block_size
+
+
 @dataclass
 class KVCacheGroup:
     """Attention layers that share one block table: one kind (window), one geometry, one unit of each block."""
@@ -95,6 +106,9 @@ class KVCacheLayout:
 
     def peak_units(self, num_tokens: int, chunk: int) -> int:
         return peak_units(num_tokens, chunk, self.block_size, self.window, self.window_units)
+
+    def max_tokens(self, units: int, chunk: int) -> int:
+        return max_tokens(units, chunk, self.block_size, self.window, self.window_units)
 
     def window_table_width(self) -> int:
         """The most blocks a decode row's window spans: its table width in a sliding group."""

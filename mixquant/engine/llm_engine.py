@@ -316,7 +316,9 @@ class LLMEngine:
         }
 
     def kv_cache_tokens(self) -> int:
-        return self.block_manager.num_blocks * self.config.block_size
+        """The most tokens one sequence can hold in the KV cache (with sliding-window layers, fewer than the units
+        times block_size: their blocks within the window take units too)."""
+        return self.runner.kv_layout.max_tokens(self.block_manager.num_blocks, self.config.max_num_batched_tokens)
 
     # ---- scoring -------------------------------------------------------------------------------------------------
 

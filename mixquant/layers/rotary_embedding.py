@@ -22,8 +22,10 @@ def rope_inverse_frequencies(config, head_dim: int, layer_type: str | None = Non
         raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, linear, yarn, llama3, "
                          "proportional)")
     # Gemma 4's "proportional" rotates the first partial_rotary_factor of the frequencies over the whole head (the
-    # rest are 0), which is not the partial rotary of the first dims that other models use
-    return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", layer_type=layer_type)
+    # rest are 0), which is not the partial rotary of the first dims that other models use. On the CPU whatever
+    # device the model is built on: these functions copy their tensors to the device they are given.
+    with torch.device("cpu"):
+        return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", layer_type=layer_type)
 
 
 class RotaryEmbedding(nn.Module):
