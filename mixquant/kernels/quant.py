@@ -44,7 +44,7 @@ def _quantize(x, scale, FP8_MAX: tl.constexpr):
 
 # _per_token_quant_kernel's ACTIVATION for a gated MLP's [gate | up] rows, by config name (0: plain rows)
 _ACTIVATION_CODES = {"silu": 1, "gelu_pytorch_tanh": 2}
-_SQRT_2_OVER_PI = 0.7978845608028654
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
 @triton.jit

@@ -126,12 +126,14 @@ def test_quant_kernel_builds_with_torch_cuda_arithmetic(dtype, block_k, whole_ro
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
 
 
+@pytest.mark.parametrize("activation", [1, 2], ids=["silu", "gelu_tanh"])
 @pytest.mark.parametrize("block_k,whole_row", [(16384, True), (4096, False)])
-def test_gated_quant_kernel_builds_without_spills(block_k, whole_row):
+def test_gated_quant_kernel_builds_without_spills(block_k, whole_row, activation):
     """The down projection's input (Qwen3-8B: 12,288 of gate and of up a row) held in registers, not spilled."""
     ptx, _, usage = compile_for_hopper(
         _per_token_quant_kernel, dict(x_ptr="*bf16", q_ptr="*fp8e4nv", scale_ptr="*fp32"),
-        dict(BLOCK_K=block_k, WHOLE_ROW=whole_row, ACTIVATION=1, FP8_MAX=448.0, ZERO_ROW_SCALE=_ZERO_ROW_SCALE),
+        dict(BLOCK_K=block_k, WHOLE_ROW=whole_row, ACTIVATION=activation, FP8_MAX=448.0,
+             ZERO_ROW_SCALE=_ZERO_ROW_SCALE),
         num_warps=16 if block_k >= 8192 else 8)
     assert "LOCAL:0" in usage, usage
     assert "div.rn.f32" in ptx  # the quantizing division stays IEEE
