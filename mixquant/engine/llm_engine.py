@@ -67,7 +67,7 @@ class LLMEngine:
         """Runs the kinds of step serving meets (a full-budget prefill, a short one, a prefill beside decodes,
         decodes) on dummy prompts, so that kernel compilation (torch.compile's fused kernels, Triton's JIT) is
         paid here and not by the first requests; then leaves no trace of them."""
-        capacity = self.block_manager.num_blocks * self.config.block_size
+        capacity = self.kv_cache_tokens()
         long_len = max(2, min(self.config.max_num_batched_tokens, self.max_model_len, capacity) - 8)
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         vocab = self.hf_config.vocab_size
@@ -374,6 +374,7 @@ class LLMEngine:
         Only prefill-phase KV is taken (at most all prompt tokens but the last), so this engine computes the last
         prompt token and every generated token in its own decode precision, as the paper's decode server does.
         """
+        self.runner.check_block_transfer()  # before the request holds any block
         self.add_request(request_id, prompt_token_ids, params)
         n = min(len(exported["token_ids"]), phase_boundary(len(prompt_token_ids)))
         if exported["token_ids"][:n] != list(prompt_token_ids[:n]):

@@ -188,11 +188,16 @@ class ModelRunner:
             self.model.compute_logits(hidden[-self.config.max_num_seqs:])
         torch.cuda.synchronize()
 
-    def _blocks_view(self) -> torch.Tensor:
-        """The pool as [2, layers, units, block_size, kv_heads, head_dim], for a model with one cache group."""
+    def check_block_transfer(self):
+        """read_kv_blocks / write_kv_blocks move one cache group's blocks: models with sliding-window layers have
+        more."""
         if len(self.kv_layout.groups) > 1:
             raise ValueError("moving a request's KV block by block needs one cache group; this model's sliding-window "
                              "layers keep theirs in other units (engine/kv_cache.py, kv_cache_tensors)")
+
+    def _blocks_view(self) -> torch.Tensor:
+        """The pool as [2, layers, units, block_size, kv_heads, head_dim], for a model with one cache group."""
+        self.check_block_transfer()
         group = self.kv_layout.groups[0]
         shape = (self.kv_cache.shape[0], len(group.layers), 2, self.block_size, group.num_kv_heads, group.head_dim)
         return self.kv_cache.view(shape).permute(2, 1, 0, 3, 4, 5)

@@ -130,6 +130,21 @@ def test_text_only_serving_skips_the_towers_and_reads_a_text_checkpoint_alike(ti
     torch.testing.assert_close(engine_prompt_logits(text_only.engine, PROMPTS[2]), theirs, rtol=1e-5, atol=1e-5)
 
 
+def test_block_by_block_kv_transfer_is_refused_before_anything_is_held(tiny_gemma4):
+    llm = _llm(tiny_gemma4, block_size=4)
+    engine = llm.engine
+    engine.add_request("r", PROMPTS[2], GREEDY)
+    engine.step()
+    with pytest.raises(ValueError, match="one cache group"):
+        engine.export_kv("r")
+    exported = {"token_ids": PROMPTS[2][:16], "prefill_precision": "bf16", "kv": torch.zeros(1)}
+    with pytest.raises(ValueError, match="one cache group"):
+        engine.add_request_with_kv("s", PROMPTS[2], GREEDY, exported)
+    assert "s" not in engine.requests
+    engine.abort_request("r")
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 def test_sliding_window_blocks_go_back_to_the_pool(tiny_gemma4):
     """After a 41-token prompt, its sliding layers hold only the blocks its next token can see; the rest are back
     in the pool (and counted), while the full layer keeps every block."""
