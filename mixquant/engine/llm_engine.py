@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer
 
-from mixquant.config import EngineConfig, Phase, phase_boundary, resolve_dtype
+from mixquant.config import EngineConfig, phase_boundary, resolve_dtype
 from mixquant.engine.block_manager import BlockManager
 from mixquant.engine.model_runner import ModelRunner
 from mixquant.engine.scheduler import ScheduledBatch, Scheduler
@@ -46,6 +46,7 @@ class LLMEngine:
             str(resolve_model_path(config.tokenizer, config.revision)) if config.tokenizer else str(self.model_path))
         self.generation_defaults, self.eos_token_ids = self._generation_config()
         self.runner = ModelRunner(config, self.hf_config, self.dtype, self.max_model_len)
+        self._check_kv_capacity()
         self._reset_state()
         if config.device_obj.type == "cuda":
             self.warm_up()
@@ -84,6 +85,15 @@ class LLMEngine:
             raise ValueError(f"max_model_len={self.config.max_model_len} exceeds the model's "
                              f"max_position_embeddings={limit} (stretch it with a rope_scaling hf_override)")
         return self.config.max_model_len
+
+    def _check_kv_capacity(self):
+        """One sequence may grow to max_model_len tokens: a cache that cannot hold them would preempt that sequence
+        to let it grow, over and over (vLLM refuses such a configuration at start-up too)."""
+        capacity = self.runner.num_blocks * self.config.block_size
+        if capacity < self.max_model_len:
+            raise ValueError(f"the KV cache holds {capacity} tokens, fewer than max_model_len={self.max_model_len} "
+                             "that one sequence may reach: lower max_model_len, or give the KV cache more memory "
+                             "(gpu_memory_utilization, kv_cache_memory_bytes, num_kv_blocks)")
 
     def _generation_config(self) -> tuple[dict, set[int]]:
         eos = set()

@@ -78,7 +78,8 @@ def test_greedy_single_batched_chunked_cached_and_preempted(tiny_qwen3_moe):
     runs = {
         "batched": _llm(tiny_qwen3_moe, block_size=4),
         "chunked": _llm(tiny_qwen3_moe, max_num_batched_tokens=5, enable_prefix_caching=False),
-        "preempted": _llm(tiny_qwen3_moe, block_size=4, num_kv_blocks=10, enable_prefix_caching=False),
+        "preempted": _llm(tiny_qwen3_moe, block_size=4, num_kv_blocks=10, max_model_len=40,
+                          enable_prefix_caching=False),
     }
     for name, llm in runs.items():
         outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
