@@ -1,6 +1,8 @@
-"""Turns next-token logits into tokens: penalties, min_tokens, temperature, top-k, top-p, min-p, seeded sampling.
+"""Turns next-token logits into tokens: grammar masks, penalties, min_tokens, temperature, top-k, top-p, min-p,
+seeded sampling.
 
-Logprobs are those of the model's own distribution (vLLM's default "raw" logprobs), before any processing.
+Logprobs are those of the model's own distribution (vLLM's default "raw" logprobs), before any processing but the
+grammar's token mask (applied first, as vLLM applies its bitmask before its sampler).
 """
 from __future__ import annotations
 
@@ -9,6 +11,24 @@ from dataclasses import dataclass
 import torch
 
 from mixquant.engine.sequence import Sequence
+
+
+@dataclass
+class TokenBitmask:
+    """Allowed tokens of some rows: bit j of bits[i, j // 32] (int32) allows token j in row rows[i]."""
+    rows: list[int]
+    bits: torch.Tensor  # [len(rows), ceil(vocab / 32)] on the host
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: TokenBitmask) -> torch.Tensor:
+    """A copy of logits with every token the bitmask disallows at -inf."""
+    bits = bitmask.bits.to(logits.device, non_blocking=True)
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bits[:, :, None] >> shifts) & 1).flatten(1)[:, :logits.shape[-1]].bool()
+    rows = torch.tensor(bitmask.rows, device=logits.device)
+    masked = logits.clone()
+    masked[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    return masked
 
 
 @dataclass
@@ -52,8 +72,10 @@ def _filter(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[set[int]],
-           default_generator: torch.Generator) -> SampleOutput:
+           default_generator: torch.Generator, bitmask: TokenBitmask | None = None) -> SampleOutput:
     logits = logits.float()
+    if bitmask is not None:
+        logits = apply_token_bitmask(logits, bitmask)
     want_logprobs = any(s.params.logprobs is not None for s in seqs)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     logits = logits.clone()
