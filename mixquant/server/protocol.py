@@ -20,6 +20,35 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(RequestModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # enforced either way
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("a json_schema response format needs json_schema.schema")
+        return self
+
+
+class StructuredOutputsRequest(RequestModel):
+    """vLLM's `structured_outputs` request field: exactly one of these."""
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None
+
+
 class SamplingRequest(RequestModel):
     """Fields chat and completions share. The five left at None take the server's generation defaults."""
     model: str | None = None
@@ -41,6 +70,13 @@ class SamplingRequest(RequestModel):
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # what the output must match (at most one of these; mixquant/server/structured_outputs.py reads them)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -192,10 +228,6 @@ class NamedToolChoice(RequestModel):
     function: FunctionName
 
 
-class ResponseFormat(RequestModel):
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens; both work
@@ -204,7 +236,7 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    response_format: ResponseFormat | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
 

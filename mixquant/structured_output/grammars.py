@@ -1,10 +1,11 @@
 """StructuredOutputsParams -> an xgrammar Grammar, refusing what the grammar could not enforce.
 
-Building the Grammar checks the spec (schema, regex, EBNF) without the tokenizer, in about a millisecond, so a bad
-request is refused before it queues; compiling it against the vocabulary is the slow part (StructuredOutputManager
-does that in a worker). xgrammar ignores JSON Schema keywords it does not implement (it would let `not`,
-`uniqueItems` or `allOf` through unchecked), so schemas are first checked against the keywords it enforces
-(each measured: a violating instance is rejected by the compiled grammar).
+Building the Grammar checks the spec (schema, regex, EBNF, structural tag) without the tokenizer, in about a
+millisecond, so a bad request is refused before it queues; compiling it against the vocabulary is the slow part
+(StructuredOutputManager does that in a worker). xgrammar ignores JSON Schema keywords it does not implement (it
+would let `not`, `uniqueItems` or `allOf` through unchecked), so schemas are first checked against the keywords it
+enforces (each measured: a violating instance is rejected by the compiled grammar). JSON is compact (", " and ": ")
+unless any_whitespace is set, in structural tags too.
 """
 from __future__ import annotations
 
@@ -37,22 +38,28 @@ SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
 SUBSCHEMAS = ("items", "additionalProperties", "unevaluatedProperties", "unevaluatedItems", "propertyNames")
 
 
+class UnenforceableSchema(ValueError):
+    """A JSON schema with a keyword (or value) constrained decoding would not enforce."""
+
+
 def check_json_schema(schema, path: str = "") -> None:
-    """Raises ValueError naming the first keyword, at its JSON pointer, that constrained decoding cannot enforce."""
+    """Raises UnenforceableSchema naming the first keyword, at its JSON pointer, that constrained decoding cannot
+    enforce."""
     if isinstance(schema, bool):
         return
     if not isinstance(schema, dict):
-        raise ValueError(f"the schema at '{path or '/'}' must be an object or a boolean, got {type(schema).__name__}")
+        raise UnenforceableSchema(f"the schema at '{path or '/'}' must be an object or a boolean, got "
+                                  f"{type(schema).__name__}")
     for keyword, value in schema.items():
         where = f"{path}/{keyword}"
         if keyword not in ENFORCED_KEYWORDS and keyword not in ANNOTATIONS and not keyword.startswith("x-"):
-            raise ValueError(f"the JSON schema keyword '{keyword}' (at '{where}') cannot be enforced by constrained "
-                             f"decoding; supported: {', '.join(sorted(ENFORCED_KEYWORDS))}")
+            raise UnenforceableSchema(f"the JSON schema keyword '{keyword}' (at '{where}') cannot be enforced by "
+                                      f"constrained decoding; supported: {', '.join(sorted(ENFORCED_KEYWORDS))}")
         if keyword == "format" and value not in ENFORCED_FORMATS:
-            raise ValueError(f"the string format {value!r} (at '{where}') cannot be enforced by constrained "
-                             f"decoding; supported: {', '.join(sorted(ENFORCED_FORMATS))}")
+            raise UnenforceableSchema(f"the string format {value!r} (at '{where}') cannot be enforced by constrained "
+                                      f"decoding; supported: {', '.join(sorted(ENFORCED_FORMATS))}")
         if keyword == "multipleOf" and schema.get("type") != "integer":
-            raise ValueError(f"multipleOf (at '{where}') is enforced for integers only")
+            raise UnenforceableSchema(f"multipleOf (at '{where}') is enforced for integers only")
         if keyword in SCHEMA_MAPS and isinstance(value, dict):
             for name, subschema in value.items():
                 check_json_schema(subschema, f"{where}/{name}")
@@ -63,16 +70,20 @@ def check_json_schema(schema, path: str = "") -> None:
             check_json_schema(value, where)
 
 
-def structural_tag_schemas(node):
-    """The JSON schemas inside a structural tag (its json_schema formats), wherever they are nested."""
-    if isinstance(node, dict):
-        if node.get("type") == "json_schema" and "json_schema" in node:
-            yield node["json_schema"]
-        for value in node.values():
-            yield from structural_tag_schemas(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from structural_tag_schemas(value)
+def compile_json_formats(node, whitespace: dict):
+    """A copy of a structural tag whose JSON-schema formats are checked and turned into EBNF grammars under this
+    request's whitespace rule (the structural tag's own json_schema format allows any whitespace)."""
+    import xgrammar as xgr
+
+    if isinstance(node, list):
+        return [compile_json_formats(value, whitespace) for value in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "json_schema" and node.get("style", "json") == "json" and "json_schema" in node:
+        check_json_schema(node["json_schema"])
+        grammar = xgr.Grammar.from_json_schema(json.dumps(node["json_schema"]), **whitespace)
+        return {"type": "grammar", "grammar": str(grammar)}
+    return {key: compile_json_formats(value, whitespace) for key, value in node.items()}
 
 
 def ebnf_literal(text: str) -> str:
@@ -110,10 +121,8 @@ def _build_grammar(key: tuple):
             return xgr.Grammar.from_ebnf("root ::= " + " | ".join(ebnf_literal(choice) for choice in value))
         if kind == "grammar":
             return xgr.Grammar.from_ebnf(value)
-        for schema in structural_tag_schemas(value):
-            check_json_schema(schema)
-        return xgr.Grammar.from_structural_tag(text)
-    except ValueError:
+        return xgr.Grammar.from_structural_tag(json.dumps(compile_json_formats(value, whitespace)))
+    except UnenforceableSchema:
         raise
-    except Exception as e:  # xgrammar says what is wrong in a RuntimeError (or pydantic's ValidationError)
+    except Exception as e:  # xgrammar says what is wrong in a RuntimeError (a structural tag: pydantic's error)
         raise ValueError(f"invalid {kind}: {_library_message(e)}") from e
