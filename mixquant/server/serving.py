@@ -133,8 +133,9 @@ def sse(payload: BaseModel) -> str:
     return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
 
 
-def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    """Server-sent events that end with [DONE]; an engine failure midway becomes an error event first."""
+def event_stream(events: AsyncIterator[str], done_event: bool = True) -> StreamingResponse:
+    """Server-sent events that end with [DONE] (the chat and completions APIs'; the responses API has none); an
+    engine failure midway becomes an error event first."""
 
     async def with_end() -> AsyncIterator[str]:
         try:
@@ -142,6 +143,7 @@ def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
                 yield event
         except EngineDeadError as e:
             yield f"data: {json.dumps(error_body(503, str(e)))}\n\n"
-        yield SSE_DONE
+        if done_event:
+            yield SSE_DONE
 
     return StreamingResponse(with_end(), media_type="text/event-stream")
