@@ -86,6 +86,8 @@ class LLMEngine:
         self.add_request("warm-up-long", [(7 * i + 3) % vocab for i in range(long_len)], params)
         while self.has_unfinished_requests():
             self.step()
+        if self.structured_output is not None:
+            self.structured_output.warm_up()
         self._reset_state()
 
     def _max_model_len(self) -> int:
@@ -358,7 +360,7 @@ class LLMEngine:
         return {
             "num_requests_running": len({s.request_id for s in self.scheduler.running}),
             "num_requests_waiting": len({s.request_id for s in self.scheduler.waiting} -
-                                        {s.request_id for s in self.scheduler.running}),
+                                        {s.request_id for s in self.scheduler.running}) + len(self.waiting_for_grammar),
             "kv_cache_usage": bm.usage(),
             "num_blocks_used": bm.num_blocks - bm.num_free_blocks,
             "num_blocks": bm.num_blocks,

@@ -15,20 +15,18 @@ from mixquant.engine.sequence import Sequence
 
 @dataclass
 class TokenBitmask:
-    """Allowed tokens of some rows: bit j of bits[i, j // 32] (int32) allows token j in row rows[i]."""
-    rows: list[int]
-    bits: torch.Tensor  # [len(rows), ceil(vocab / 32)] on the host
+    """Allowed tokens of some rows of a batch: bit j of bits[row, j // 32] (int32) allows token j in that row."""
+    rows: list[int]  # the rows the bitmask holds (the others' bits are left as they were)
+    bits: torch.Tensor  # [>= batch, ceil(vocab / 32)] on the host
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: TokenBitmask) -> torch.Tensor:
-    """A copy of logits with every token the bitmask disallows at -inf."""
-    bits = bitmask.bits.to(logits.device, non_blocking=True)
-    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((bits[:, :, None] >> shifts) & 1).flatten(1)[:, :logits.shape[-1]].bool()
-    rows = torch.tensor(bitmask.rows, device=logits.device)
-    masked = logits.clone()
-    masked[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
-    return masked
+def apply_token_bitmask(logits: torch.Tensor, bitmask: TokenBitmask):
+    """Sets every token the bitmask disallows to -inf, in place, in the bitmask's rows only (xgrammar's kernel: a
+    Triton one on a GPU)."""
+    import xgrammar as xgr
+
+    xgr.apply_token_bitmask_inplace(logits, bitmask.bits.to(logits.device, non_blocking=True),
+                                    vocab_size=logits.shape[-1], indices=bitmask.rows)
 
 
 @dataclass
@@ -75,7 +73,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[set[int]],
            default_generator: torch.Generator, bitmask: TokenBitmask | None = None) -> SampleOutput:
     logits = logits.float()
     if bitmask is not None:
-        logits = apply_token_bitmask(logits, bitmask)
+        apply_token_bitmask(logits, bitmask)
     want_logprobs = any(s.params.logprobs is not None for s in seqs)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     logits = logits.clone()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mixquant.layers.sampler import TokenBitmask
+from mixquant.layers.sampler import TokenBitmask, apply_token_bitmask
 from mixquant.sampling_params import StructuredOutputsParams
 from mixquant.structured_output.grammars import build_grammar
 
@@ -89,6 +89,14 @@ class StructuredOutputManager:
 
         return SequenceGrammar(xgr.GrammarMatcher(compiled), reasoning_end_id)
 
+    def warm_up(self):
+        """Masks one row of logits on the device, so that the first constrained step pays neither for importing
+        xgrammar nor for compiling its masking kernel (Triton's, on a GPU)."""
+        import xgrammar as xgr
+
+        logits = torch.zeros(1, self.vocab_size, device=self.device)
+        apply_token_bitmask(logits, TokenBitmask([0], xgr.allocate_token_bitmask(1, self.vocab_size)))
+
     # ---- each step ---------------------------------------------------------------------------------------------
 
     def fill_bitmask(self, grammars: list[SequenceGrammar | None]) -> TokenBitmask | None:
@@ -103,8 +111,8 @@ class StructuredOutputManager:
             if self.device.type == "cuda":
                 self._bitmask = self._bitmask.pin_memory()  # so the copy to the device does not block
             self._batch_matcher = self._batch_matcher or xgr.BatchGrammarMatcher()
-        bits = self._bitmask[:len(rows)]
-        self._batch_matcher.batch_fill_next_token_bitmask([grammars[row].matcher for row in rows], bits)
+        bits = self._bitmask[:len(grammars)]
+        self._batch_matcher.batch_fill_next_token_bitmask([grammars[row].matcher for row in rows], bits, rows)
         return TokenBitmask(rows, bits)
 
     @staticmethod

@@ -130,6 +130,39 @@ def test_a_compiling_grammar_does_not_hold_up_other_requests(llm, held_compiles)
     jsonschema.validate(json.loads(finished["slow"].outputs[0].text), PERSON)
 
 
+def test_a_request_waiting_for_its_grammar_counts_as_waiting(llm, held_compiles):
+    engine = llm.engine
+    engine.add_request("held", [5, 6, 7], constrained(json=PERSON | {"title": "counted"}))
+    assert engine.stats()["num_requests_waiting"] == 1
+    engine.abort_request("held")
+
+
+def test_a_grammar_that_fails_to_compile_ends_its_request_alone(llm, monkeypatch):
+    engine = llm.engine
+    free = engine.block_manager.num_free_blocks
+
+    def fail(grammar):
+        raise RuntimeError("the compiler broke")
+
+    monkeypatch.setattr(engine.structured_output, "_compile", fail)
+    engine.add_request("broken", [5, 6, 7], constrained(json=PERSON | {"title": "broken"}))
+    engine.add_request("fine", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    assert finished["broken"].outputs[0].finish_reason == "abort" and not finished["broken"].outputs[0].token_ids
+    assert len(finished["fine"].outputs[0].token_ids) == 3
+    assert engine.block_manager.num_free_blocks == free
+
+
+def test_each_of_n_sequences_has_its_own_grammar(llm):
+    [output] = llm.chat([ASK], SamplingParams(n=3, temperature=1.0, seed=2, max_tokens=80,
+                                              structured_outputs=StructuredOutputsParams(json=PERSON)),
+                        use_tqdm=False, chat_template_kwargs={"enable_thinking": False})
+    for completion in output.outputs:
+        jsonschema.validate(json.loads(completion.text), PERSON)
+
+
 def test_kv_blocks_come_back_after_aborts(llm, held_compiles):
     engine = llm.engine
     free = engine.block_manager.num_free_blocks
@@ -147,11 +180,13 @@ def test_kv_blocks_come_back_after_aborts(llm, held_compiles):
 def test_bitmask_masks_exactly_the_disallowed_tokens():
     vocab = 70  # three int32 words, the last one partly past the vocabulary
     allowed = {0, 31, 32, 63, 69}
-    bits = torch.zeros(1, 3, dtype=torch.int32)
+    bits = torch.full((2, 3), -1, dtype=torch.int32)  # row 0 is not in the bitmask: its bits must not count
+    bits[1] = 0
     for token in allowed:
-        bits[0, token // 32] |= torch.tensor(1 << (token % 32)).to(torch.int32)  # bit 31 is the sign bit
+        bits[1, token // 32] |= torch.tensor(1 << (token % 32)).to(torch.int32)  # bit 31 is the sign bit
     logits = torch.randn(2, vocab)
-    masked = apply_token_bitmask(logits, TokenBitmask([1], bits))
-    assert torch.equal(masked[0], logits[0])  # an unconstrained row is left alone
+    masked = logits.clone()
+    apply_token_bitmask(masked, TokenBitmask([1], bits))
+    assert torch.equal(masked[0], logits[0])
     assert {int(t) for t in torch.isfinite(masked[1]).nonzero()} == allowed
     assert torch.equal(masked[1, sorted(allowed)], logits[1, sorted(allowed)])

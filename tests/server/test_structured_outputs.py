@@ -136,6 +136,15 @@ def test_named_tool_choice_gives_a_call_of_that_function_for_20_requests(bundled
         assert reply.choices[0].finish_reason == "stop"  # as vLLM and OpenAI answer a named call
 
 
+def test_auto_with_parallel_tool_calls_false_gives_at_most_one_valid_call(bundled_server):
+    examples = [tool_calls(seed) for seed in range(6)]
+    replies = gather(bundled_server, [dict(messages=e.prompt_messages, tools=e.tools, parallel_tool_calls=False,
+                                           temperature=0.7, seed=i, max_tokens=150) for i, e in enumerate(examples)])
+    for reply, example in zip(replies, examples):
+        check_calls(reply.choices[0].message, example)
+        assert len(reply.choices[0].message.tool_calls) == 1
+
+
 def test_streamed_required_call(bundled_server):
     example = tool_calls(3)
     stream = bundled_server.openai().chat.completions.create(
