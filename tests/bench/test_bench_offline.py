@@ -53,3 +53,14 @@ def test_unknown_prefill_attention_is_named(tiny_qwen3, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "prefill", "--model", str(tiny_qwen3), "--prefill-attention", "bf16,fp16"])
     assert "'bf16,fp16': each prefill attention must be one of auto, bf16, fp8, fp8-cudnn" in capsys.readouterr().err
+
+
+def test_structured_command(tiny_qwen3, tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "structured", "--model", str(tiny_qwen3), "--pairs", "bf16/bf16", "--batch", "4",
+                 "--fractions", "0,0.5,1", "--context", "16", "--steps", "2", "--output-dir", str(out)]) == 0
+    rows = json.loads((out / "structured.json").read_text())["rows"]
+    assert [r["notes"]["constrained_rows"] for r in rows] == [0, 2, 4]
+    assert all(r["tokens_per_s"] > 0 and r["batch"] == 4 for r in rows)
+    assert rows[0]["notes"]["mask_fill_ms"] == 0 and all(r["notes"]["mask_fill_us_per_row"] > 0 for r in rows[1:])
+    assert [r["notes"]["unconstrained_row_loss"] is not None for r in rows] == [False, True, False]
