@@ -20,11 +20,11 @@ from mixquant.server.middleware import APIKeyMiddleware, RequestBodyMiddleware
 from mixquant.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    ResponsesRequest,
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    ResponsesRequest,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfo,

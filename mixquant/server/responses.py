@@ -32,7 +32,6 @@ from mixquant.server.protocol import (
     FunctionToolChoice,
     IncompleteDetails,
     InputTokensDetails,
-    MessageItem,
     OutputFunctionCall,
     OutputItem,
     OutputMessage,

@@ -99,7 +99,8 @@ def bundled_server() -> Iterator[RunningServer]:
     """The bundled mixquant-tiny (a model that writes tool calls and answers, which random weights never do) with the
     Qwen3 reasoning and hermes tool parsers and no API key."""
     path = tiny.bundled_model_path()
-    with running_server(tiny_engine(path), server_config(path, served_model_names=[tiny.NAME], api_key=None)) as running:
+    config = server_config(path, served_model_names=[tiny.NAME], api_key=None)
+    with running_server(tiny_engine(path), config) as running:
         yield running
 
 
