@@ -5,8 +5,10 @@ Not thread-safe: a server drives it from one thread.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
 import torch
@@ -20,9 +22,14 @@ from mixquant.engine.sequence import Sequence
 from mixquant.layers.sampler import sample
 from mixquant.outputs import CompletionOutput, Logprob, RequestOutput
 from mixquant.sampling_params import SamplingParams
+from mixquant.structured_output import StructuredOutputManager
 from mixquant.utils.hf import load_config, resolve_model_path
 
+logger = logging.getLogger(__name__)
+
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# How long a step with nothing to run waits for a compiling grammar before it returns (to take new commands).
+GRAMMAR_WAIT_S = 0.01
 
 
 @dataclass
@@ -33,6 +40,8 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     arrival_time: float
+    grammar: Future | None = None  # the compiling structured-output grammar
+    reasoning_end_id: int | None = None
 
 
 class LLMEngine:
@@ -47,6 +56,8 @@ class LLMEngine:
         self.generation_defaults, self.eos_token_ids = self._generation_config()
         self.runner = ModelRunner(config, self.hf_config, self.dtype, self.max_model_len)
         self._check_kv_capacity()
+        self.structured_output = None if self.tokenizer is None else StructuredOutputManager(
+            self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids, config.device_obj)
         self._reset_state()
         if config.device_obj.type == "cuda":
             self.warm_up()
@@ -58,6 +69,7 @@ class LLMEngine:
                                           config.prefill_precision, config.decode_precision)
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, Request] = {}
+        self.waiting_for_grammar: dict[str, Request] = {}  # kept from the scheduler until their grammar compiled
         self.default_generator = torch.Generator(device=config.device_obj).manual_seed(config.seed)
         self.tokens_computed: Counter[tuple[str, str]] = Counter()  # (phase, precision) -> tokens
         self.num_prompt_tokens = self.num_generation_tokens = 0
@@ -75,6 +87,8 @@ class LLMEngine:
         self.add_request("warm-up-long", [(7 * i + 3) % vocab for i in range(long_len)], params)
         while self.has_unfinished_requests():
             self.step()
+        if self.structured_output is not None:
+            self.structured_output.warm_up()
         self._reset_state()
 
     def _max_model_len(self) -> int:
@@ -123,15 +137,51 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer; this engine was started with skip_tokenizer_init")
         text, token_ids = (prompt, self.tokenize(prompt)) if isinstance(prompt, str) else (None, list(prompt))
         self._validate_prompt(token_ids)
+        grammar, reasoning_end_id = self._compile_grammar(params)
         seqs = []
         for index in range(params.n):
             generator = None
             if params.seed is not None:
                 generator = torch.Generator(device=self.config.device_obj).manual_seed(params.seed + index)
             seqs.append(Sequence(request_id, index, list(token_ids), params, generator))
-        self.requests[request_id] = Request(request_id, text, token_ids, params, seqs, time.monotonic())
+        request = Request(request_id, text, token_ids, params, seqs, time.monotonic(), grammar, reasoning_end_id)
+        self.requests[request_id] = request
+        if grammar is not None:
+            self.waiting_for_grammar[request_id] = request
+            return
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def _compile_grammar(self, params: SamplingParams) -> tuple[Future | None, int | None]:
+        """The request's grammar, compiling (ValueError now for a spec that is invalid or cannot be enforced)."""
+        spec = params.structured_outputs
+        if spec is None:
+            return None, None
+        if self.structured_output is None:
+            raise ValueError("structured outputs need a tokenizer; this engine was started with skip_tokenizer_init")
+        end_id = self.structured_output.reasoning_end_id(spec.reasoning_end) if spec.reasoning_end else None
+        return self.structured_output.compile(spec), end_id
+
+    def _admit_compiled(self) -> list[str]:
+        """Hands requests whose grammar has compiled to the scheduler; returns those whose compile failed (they
+        finish as aborted: their spec was checked when they came, so this is the grammar library failing)."""
+        failed = []
+        for request_id, request in list(self.waiting_for_grammar.items()):
+            if not request.grammar.done():
+                continue
+            del self.waiting_for_grammar[request_id]
+            if request.grammar.exception() is not None:
+                logger.error("request %s: its grammar failed to compile: %s", request_id, request.grammar.exception())
+                for seq in request.seqs:
+                    seq.finish_reason = "abort"
+                    self.scheduler.finish(seq)
+                failed.append(request_id)
+                continue
+            for seq in request.seqs:
+                seq.grammar = self.structured_output.new_sequence_grammar(request.grammar.result(),
+                                                                          request.reasoning_end_id)
+                self.scheduler.add(seq)
+        return failed
 
     def _validate_prompt(self, token_ids: list[int]):
         if not token_ids:
@@ -151,6 +201,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return False
+        self.waiting_for_grammar.pop(request_id, None)
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
@@ -163,29 +214,37 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        failed = self._admit_compiled() if self.waiting_for_grammar else []
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            return []
+            if self.waiting_for_grammar and not failed:  # nothing to run but compiles: wait a little, do not spin
+                wait([r.grammar for r in self.waiting_for_grammar.values()], GRAMMAR_WAIT_S, FIRST_COMPLETED)
+            return self._outputs(failed)
         inputs = self.runner.prepare(batch)
         hidden = self.runner.forward(inputs)
+        sampling = [(seq, row) for seq, row in zip(batch.seqs, inputs.sample_rows) if row >= 0]
+        seqs = [seq for seq, _ in sampling]
+        # host work while the device runs the forward pass just launched (on the CPU it simply comes after it)
+        bitmask = self.structured_output.fill_bitmask([s.grammar for s in seqs]) if self.structured_output else None
         self.scheduler.computed(batch)
         for phase, rows in inputs.rows_per_phase.items():
             self.tokens_computed[(phase.value, self.config.precision(phase))] += rows
         for i, rows in inputs.prompt_logprob_rows.items():
             self._record_prompt_logprobs(batch.seqs[i], hidden, rows)
 
-        sampling = [(seq, row) for seq, row in zip(batch.seqs, inputs.sample_rows) if row >= 0]
-        touched = {seq.request_id for seq in batch.seqs}
         if sampling:
-            seqs = [seq for seq, _ in sampling]
             logits = self.runner.logits(hidden, [row for _, row in sampling])
             stop_ids = [self.eos_token_ids | set(s.params.stop_token_ids) if not s.params.ignore_eos
                         else set(s.params.stop_token_ids) for s in seqs]
-            result = sample(logits, seqs, stop_ids, self.default_generator)
+            result = sample(logits, seqs, stop_ids, self.default_generator, bitmask)
             now = time.monotonic()
             for row, seq in enumerate(seqs):
                 self._append_token(seq, result, row, now)
-        outputs = [self._output(self.requests[rid]) for rid in touched if rid in self.requests]
+        return self._outputs([seq.request_id for seq in batch.seqs] + failed)
+
+    def _outputs(self, request_ids: list[str]) -> list[RequestOutput]:
+        """The outputs of these requests (each once); finished ones are forgotten."""
+        outputs = [self._output(self.requests[rid]) for rid in dict.fromkeys(request_ids) if rid in self.requests]
         for output in outputs:
             if output.finished:
                 del self.requests[output.request_id]
@@ -194,6 +253,7 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, result, row: int, now: float):
         token = result.token_ids[row]
         seq.token_ids.append(token)
+        grammar_done = seq.grammar is not None and self.structured_output.accept(seq.grammar, token)
         seq.first_token_time = seq.first_token_time or now
         self.num_generation_tokens += 1
         if seq.num_output_tokens == 1 and seq.index == 0:  # a request's prompt counts once, whatever its n
@@ -205,6 +265,8 @@ class LLMEngine:
         self._check_stop_token(seq, token)
         if seq.finish_reason is None:  # a stopping token's own text is left out, as vLLM does
             self._check_stop_text(seq, self._detokenize(seq))
+        if seq.finish_reason is None and grammar_done:  # it took a stop token that ignore_eos let through
+            seq.finish_reason = "stop"
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
 
@@ -308,7 +370,7 @@ class LLMEngine:
         return {
             "num_requests_running": len({s.request_id for s in self.scheduler.running}),
             "num_requests_waiting": len({s.request_id for s in self.scheduler.waiting} -
-                                        {s.request_id for s in self.scheduler.running}),
+                                        {s.request_id for s in self.scheduler.running}) + len(self.waiting_for_grammar),
             "kv_cache_usage": bm.usage(),
             "num_blocks_used": bm.num_blocks - bm.num_free_blocks,
             "num_blocks": bm.num_blocks,
@@ -377,6 +439,8 @@ class LLMEngine:
         Only prefill-phase KV is taken (at most all prompt tokens but the last), so this engine computes the last
         prompt token and every generated token in its own decode precision, as the paper's decode server does.
         """
+        if params.structured_outputs is not None:
+            raise ValueError("structured outputs are not supported for a request with imported KV")
         self.add_request(request_id, prompt_token_ids, params)
         n = min(len(exported["token_ids"]), phase_boundary(len(prompt_token_ids)))
         if exported["token_ids"][:n] != list(prompt_token_ids[:n]):

@@ -5,11 +5,15 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import TYPE_CHECKING
 
 import torch
 
 from mixquant.outputs import PositionLogprobs
 from mixquant.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from mixquant.structured_output import SequenceGrammar
 
 
 class SequenceStatus(Enum):
@@ -46,6 +50,7 @@ class Sequence:
     num_preemptions: int = 0
     num_imported_blocks: int = 0  # leading blocks whose KV came from another engine (export_kv)
     imported_kv_precision: str = ""
+    grammar: SequenceGrammar | None = None  # set once the request's structured-output grammar has compiled
 
     def __post_init__(self):
         self.num_prompt_tokens = len(self.token_ids)

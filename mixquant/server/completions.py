@@ -26,6 +26,7 @@ from mixquant.server.serving import (
     sse,
     usage_of,
 )
+from mixquant.server.structured_outputs import checked, requested_constraint
 
 
 @dataclass
@@ -96,7 +97,9 @@ class CompletionsEndpoint:
         ctx.check_logprobs(request.logprobs, "logprobs")
         max_tokens = ctx.check_max_tokens(request.max_tokens, "max_tokens", max(len(p.token_ids) for p in prompts))
         echo_logprobs = request.logprobs if request.echo else None
-        params = ctx.sampling_params(request, max_tokens, request.logprobs, prompt_logprobs=echo_logprobs)
+        structured = await checked(requested_constraint(request))
+        params = ctx.sampling_params(request, max_tokens, request.logprobs, prompt_logprobs=echo_logprobs,
+                                     structured_outputs=structured)
         group = await ctx.submit([p.token_ids for p in prompts], params, "prompt")
         response_id = f"cmpl-{uuid.uuid4().hex}"
         if request.stream:

@@ -129,37 +129,6 @@ class HermesToolParser:
         return (joined if joined.strip() else ""), calls
 
 
-class NamedFunctionParser:
-    """`tool_choice` naming a function. Nothing constrains the output, so it is read as that function's call when it
-    is a hermes block, a `{"name", "arguments"}` object or a bare arguments object; otherwise it stays content.
-    Which of these it is can only be told at the end, so nothing is streamed before.
-    """
-
-    def __init__(self, name: str):
-        self.name = name
-        self.hermes = HermesToolParser()
-
-    def extract(self, text: str, final: bool) -> tuple[str, list[ParsedToolCall]]:
-        if not final:
-            return "", []
-        content, calls = self.hermes.extract(text, final=True)
-        if calls:
-            return content, calls
-        call = parse_tool_call(text)
-        if call is None or call.name != self.name:  # {"name": ...} may just as well be the function's arguments
-            call = self._as_arguments(text)
-        return ("", [call]) if call is not None else (content, [])
-
-    def _as_arguments(self, text: str) -> ParsedToolCall | None:
-        try:
-            arguments = json.loads(text)
-        except json.JSONDecodeError:
-            return None
-        if not isinstance(arguments, dict):
-            return None
-        return ParsedToolCall(self.name, json.dumps(arguments, ensure_ascii=False))
-
-
 # ---- both ----------------------------------------------------------------------------------------------------------
 
 class ChatOutputParser:

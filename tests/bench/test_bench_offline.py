@@ -78,3 +78,14 @@ def test_decode_bytes_and_memory_of_a_moe_model(tiny_qwen3_moe, tmp_path):
     # fp8/bf16 holds the BF16 weights and an FP8 copy of every quantized layer, experts included
     fp8_experts = fp8.runner.model.model.layers[0].mlp.experts.prefill_method
     assert weight_bytes(fp8) - weight_bytes(bf16) > sum(t.numel() for t in (fp8_experts.q13, fp8_experts.q2))
+
+
+def test_structured_command(tiny_qwen3, tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "structured", "--model", str(tiny_qwen3), "--pairs", "bf16/bf16", "--batch", "4",
+                 "--fractions", "0,0.5,1", "--context", "16", "--steps", "2", "--output-dir", str(out)]) == 0
+    rows = json.loads((out / "structured.json").read_text())["rows"]
+    assert [r["notes"]["constrained_rows"] for r in rows] == [0, 2, 4]
+    assert all(r["tokens_per_s"] > 0 and r["batch"] == 4 for r in rows)
+    assert rows[0]["notes"]["mask_fill_ms"] == 0 and all(r["notes"]["mask_fill_us_per_row"] > 0 for r in rows[1:])
+    assert [r["notes"]["unconstrained_row_loss"] is not None for r in rows] == [False, True, False]

@@ -1,4 +1,4 @@
-"""The qwen3 reasoning parser and the hermes / named-function tool parsers on scripted model outputs.
+"""The qwen3 reasoning parser and the hermes tool parser on scripted model outputs.
 
 Each case is parsed whole (non-streamed) and as a stream: cut at every character and at the real tokenizer's token
 boundaries, with the deltas the server would send put back together. Both must give the same message.
@@ -14,7 +14,6 @@ from mixquant.server.chat import message_delta
 from mixquant.server.parsers import (
     ChatOutputParser,
     HermesToolParser,
-    NamedFunctionParser,
     ParsedOutput,
     ParsedToolCall,
     Qwen3ReasoningParser,
@@ -107,20 +106,6 @@ CASES = {
         BOTH, f"<think>{WEATHER_CALL}</think>No call.", ParsedOutput(WEATHER_CALL, "No call.")),
     "truncated while thinking, before any call": (
         BOTH, f"<think>\nmaybe {WEATHER_CALL}", ParsedOutput(f"\nmaybe {WEATHER_CALL}", "")),
-    "named function: bare arguments": (
-        ChatOutputParser(tools=NamedFunctionParser("get_weather")), '{"city": "Paris", "unit": "celsius"}',
-        ParsedOutput("", "", [WEATHER])),
-    "named function: name and arguments": (
-        ChatOutputParser(tools=NamedFunctionParser("get_time")), '{"name": "get_time", "arguments": {"zone": "CET"}}',
-        ParsedOutput("", "", [TIME])),
-    "named function: arguments that have a name field": (
-        ChatOutputParser(tools=NamedFunctionParser("greet")), '{"name": "Ada"}',
-        ParsedOutput("", "", [ParsedToolCall("greet", '{"name": "Ada"}')])),
-    "named function: a hermes block": (
-        ChatOutputParser(tools=NamedFunctionParser("get_weather")), WEATHER_CALL, ParsedOutput("", "", [WEATHER])),
-    "named function: prose stays content": (
-        ChatOutputParser(Qwen3ReasoningParser(), NamedFunctionParser("get_weather")),
-        "<think>hm</think>I cannot call it.", ParsedOutput("hm", "I cannot call it.")),
 }
 
 
