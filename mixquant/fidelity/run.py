@@ -285,16 +285,17 @@ def markdown(result: FidelityResult) -> str:
     return "\n".join(lines)
 
 
-def plot(result: FidelityResult, path: Path):
+def figure(result: FidelityResult):
     """Two panels of bars, one series per task (or per length bucket when prompts name no task): mean KL, and
-    accuracy (with its 95% interval) where the prompts have gold answers, else top-1 agreement."""
+    accuracy (with its 95% interval) where the prompts have gold answers, else top-1 agreement. The series share
+    one legend below the panels: inside either one it would cover bars that reach the top."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pairs, series = list(result.pairs), result.plotted_groups
-    fig, (ax_kl, ax_right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_kl, ax_right) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
     width = 0.8 / len(series)
     for j, group in enumerate(series):
         xs = [i + j * width for i in range(len(pairs)) if group in result.pairs[pairs[i]]]
@@ -304,19 +305,25 @@ def plot(result: FidelityResult, path: Path):
             graded = [(x, s) for x, s in zip(xs, stats) if s.accuracy is not None]
             errors = [[s.accuracy - s.accuracy_ci95[0] for _, s in graded],
                       [s.accuracy_ci95[1] - s.accuracy for _, s in graded]]
-            ax_right.bar([x for x, _ in graded], [s.accuracy for _, s in graded], width, yerr=errors, capsize=3,
-                         label=group)
+            ax_right.bar([x for x, _ in graded], [s.accuracy for _, s in graded], width, yerr=errors, capsize=3)
         else:
-            ax_right.bar(xs, [s.top1_agreement for s in stats], width, label=group)
+            ax_right.bar(xs, [s.top1_agreement for s in stats], width)
     titles = ("mean KL to bf16/bf16 (teacher-forced)",
               "accuracy (95% Wilson interval)" if result.has_accuracy else "top-1 agreement with bf16/bf16")
     for ax, title in zip((ax_kl, ax_right), titles):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(pairs))], pairs)
         ax.set_title(title)
-        ax.legend(title="task" if series[0] not in BUCKET_NAMES + [ALL] else "prompt tokens")
     ax_right.set_ylim(0, 1.05)
+    fig.legend(*ax_kl.get_legend_handles_labels(), loc="outside lower center", ncols=len(series),
+               title="task" if series[0] not in BUCKET_NAMES + [ALL] else "prompt tokens")
     fig.suptitle(result.model)
-    fig.tight_layout()
+    return fig
+
+
+def plot(result: FidelityResult, path: Path):
+    import matplotlib.pyplot as plt
+
+    fig = figure(result)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
