@@ -14,10 +14,10 @@ import torch
 
 from mixquant import LLM, tiny
 from mixquant.tiny import bundled_model_path, tasks
-from mixquant.tiny.evaluate import evaluate, prompt_ids
 from mixquant.utils.hf import resolve_model_path
 from tests.engine.helpers import engine_prompt_logits, hf_model
 from tests.server.conftest import free_port, running_server, server_config, tiny_engine
+from training.evaluate import evaluate, prompt_ids
 
 # Correct answers out of HELDOUT greedy held-out examples that the test requires. A randomly initialised model of
 # the same shape answered 0 of 16 (it never writes the answer sentences); measured rates: docs/tiny-model.md.

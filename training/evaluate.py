@@ -1,7 +1,7 @@
 """Held-out accuracy of a model on the generated tasks, through the mixquant engine.
 
-    python -m mixquant.tiny.evaluate [MODEL] [--count 200] [--prefill-precision bf16] [--decode-precision bf16]
-    python -m mixquant.tiny.evaluate MODEL --tasks retrieval --retrieval-questions name_by_id --max-records 2
+    python -m training.evaluate [MODEL] [--count 200] [--prefill-precision bf16] [--decode-precision bf16]
+    python -m training.evaluate MODEL --tasks retrieval --retrieval-questions name_by_id --max-records 2
 
 Greedy, the prompt rendered with the model's chat template as the server renders it; an answer is correct by
 `mixquant fidelity`'s rule (the gold string is in the generated text). MODEL defaults to the bundled mixquant-tiny.
@@ -56,7 +56,7 @@ def evaluate(llm, examples: list[tasks.Example], max_tokens: int = 160) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from mixquant import LLM
-    from mixquant.tiny.train import question_kinds
+    from training.train import question_kinds
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=str(bundled_model_path()))
