@@ -30,7 +30,7 @@ if [ "${FIDELITY:-1}" = 1 ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/math-verify .carry/math-verify-wheels/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/math-verify || echo "=== no .carry/math-verify-wheels: fidelity will fail"
   timeout ${FIDELITY_TIMEOUT:-200} python3 -m mixquant.cli fidelity $work/checkpoint --tasks tiny --task-count ${TASK_COUNT:-50} \
-    --max-tokens 200 --output-dir $work/fidelity-gpu > $work/fidelity.log 2>&1
+    --output-dir $work/fidelity-gpu > $work/fidelity.log 2>&1
   said $? fidelity ${FIDELITY_TIMEOUT:-200}; tail -40 $work/fidelity.log
 fi
 rm -f "$out"/tiny.tar.part-* && pack

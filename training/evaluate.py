@@ -33,8 +33,9 @@ def heldout_examples(task_names: list[str], count: int, retrieval_kinds: tuple[s
     return [e for task in task_names for e in tasks.heldout(task, count, **(retrieval if task == "retrieval" else {}))]
 
 
-def evaluate(llm, examples: list[tasks.Example], max_tokens: int = 160) -> dict:
-    """{'by_task': {task: {bucket: [correct, n]}}, 'failures': a few wrong answers to look at}."""
+def evaluate(llm, examples: list[tasks.Example], max_tokens: int = tasks.MAX_REPLY_TOKENS) -> dict:
+    """{'by_task': {task: {bucket: [correct, n]}}, 'failures': a few wrong answers to look at, 'cut_off': how many
+    generations the token limit ended}."""
     from mixquant.sampling_params import SamplingParams
 
     tokenizer = llm.get_tokenizer()
@@ -51,7 +52,8 @@ def evaluate(llm, examples: list[tasks.Example], max_tokens: int = 160) -> dict:
         if not correct and len(failures) < 12:
             failures.append({"task": example.task, "prompt_tokens": len(ids), "gold": example.answer,
                              "output": text[-300:]})
-    return {"by_task": {t: dict(b) for t, b in counts.items()}, "failures": failures}
+    return {"by_task": {t: dict(b) for t, b in counts.items()}, "failures": failures,
+            "cut_off": sum(out.outputs[0].finish_reason == "length" for out in outputs)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,7 @@ class PromptResult:
     top1_agreement: float
     first_divergence: int
     correct: bool | None  # None: the prompt has no gold answer
+    cut_off: bool  # graded, and the token limit ended the generation before the answer
 
 
 @dataclass
@@ -87,6 +88,12 @@ class Stats:
     accuracy: float | None = None
     accuracy_n: int = 0
     accuracy_ci95: tuple[float, float] | None = None
+    accuracy_cut_off: int = 0  # graded generations that the token limit ended before the answer
+
+    @property
+    def mostly_cut_off(self) -> bool:
+        """Most graded generations ended at the limit: the accuracy measures the limit, not the pair."""
+        return self.accuracy_cut_off * 2 > self.accuracy_n
 
 
 @dataclass
@@ -221,11 +228,12 @@ def run_fidelity(model: str, pairs: list[str], rows: list[dict], max_tokens: int
         outputs = [o.outputs[0] for o in llm.generate([s.prompt_ids for s in samples], greedy, use_tqdm=False)]
         records = []
         for sample, out, tokens, ref in zip(samples, outputs, reference_tokens, reference_scores):
+            correct = None if sample.answer is None else is_correct(out.text, sample.answer)
             scores = llm.engine.teacher_forced_logprobs(sample.prompt_ids, tokens).cpu()
             records.append(PromptResult(
                 prompt_tokens=len(sample.prompt_ids), task=sample.task, kl=kl_divergence(ref, scores).tolist(),
                 top1_agreement=top1_agreement(ref, scores), first_divergence=first_divergence(tokens, out.token_ids),
-                correct=None if sample.answer is None else is_correct(out.text, sample.answer)))
+                correct=correct, cut_off=correct is False and out.finish_reason == "length"))
         result.pairs[pair] = summarize(records)
         del llm, outputs
         gc.collect()
@@ -266,6 +274,7 @@ def bucket_stats(records: list[PromptResult]) -> Stats:
     if graded:
         stats.accuracy, stats.accuracy_n = sum(graded) / len(graded), len(graded)
         stats.accuracy_ci95 = wilson_interval(sum(graded), len(graded))
+        stats.accuracy_cut_off = sum(r.cut_off for r in records)
     return stats
 
 
@@ -280,9 +289,23 @@ def markdown(result: FidelityResult) -> str:
                 continue
             acc = "-" if s.accuracy is None else \
                 f"{s.accuracy:.2f} ({s.accuracy_ci95[0]:.2f}-{s.accuracy_ci95[1]:.2f}, n={s.accuracy_n})"
+            if s.mostly_cut_off:
+                acc += f" **{s.accuracy_cut_off} cut off**"
             lines.append(f"| {pair} | {group} | {s.n} | {s.kl_mean:.3g} | {s.kl_p99:.3g} | "
                          f"{s.top1_agreement:.3f} | {s.first_divergence_mean:.1f} | {acc} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + [f"**Warning:** {w}" for w in cut_off_warnings(result)]).rstrip()
+
+
+def cut_off_warnings(result: FidelityResult) -> list[str]:
+    """One line for each pair and task (or all prompts) where most graded generations ended at the token limit
+    before their answer: that accuracy is the limit's, not the pair's."""
+    warnings = []
+    for pair, groups in result.pairs.items():
+        for group, s in groups.items():
+            if s.mostly_cut_off and (group == ALL or group not in BUCKET_NAMES and " " not in group):
+                warnings.append(f"{pair} {group}: {s.accuracy_cut_off} of {s.accuracy_n} graded generations reached "
+                                f"the {result.max_tokens}-token limit before an answer; raise --max-tokens")
+    return warnings
 
 
 def figure(result: FidelityResult):

@@ -1,10 +1,10 @@
-"""What `mixquant fidelity` writes from a result: the figure (no model needed)."""
+"""What `mixquant fidelity` writes from a result: the figure and the table (no model needed)."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import pytest
 
-from mixquant.fidelity.run import ALL, FidelityResult, Stats, figure
+from mixquant.fidelity.run import ALL, FidelityResult, Stats, cut_off_warnings, figure, markdown
 from mixquant.tiny import tasks
 
 
@@ -33,3 +33,18 @@ def test_the_legend_covers_no_bar(accuracy):
             assert [t.get_text() for t in legend.get_texts()] == list(tasks.TASKS)
     finally:
         plt.close(fig)
+
+
+def test_accuracy_that_the_limit_cut_off_is_flagged():
+    # 5 arithmetic answers all cut off before the boxed answer: 0.00 is the limit's, not the pair's
+    cut = Stats(n=5, kl_mean=0.0, kl_p99=0.0, top1_agreement=1.0, first_divergence_mean=64.0, accuracy=0.0,
+                accuracy_n=5, accuracy_ci95=(0.0, 0.43), accuracy_cut_off=5)
+    fine = Stats(n=5, kl_mean=0.0, kl_p99=0.0, top1_agreement=1.0, first_divergence_mean=20.0, accuracy=1.0,
+                 accuracy_n=5, accuracy_ci95=(0.57, 1.0), accuracy_cut_off=2)
+    result = FidelityResult("mixquant-tiny", 64, {"bf16/bf16": {"arithmetic": cut, "tool_use": fine,
+                                                                "arithmetic <512": cut}})
+    assert cut_off_warnings(result) == ["bf16/bf16 arithmetic: 5 of 5 graded generations reached the 64-token "
+                                        "limit before an answer; raise --max-tokens"]
+    table = markdown(result)
+    assert "| 0.00 (0.00-0.43, n=5) **5 cut off** |" in table and "| 1.00 (0.57-1.00, n=5) |" in table
+    assert table.endswith("**Warning:** " + cut_off_warnings(result)[0])
