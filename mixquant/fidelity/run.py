@@ -52,6 +52,11 @@ BUCKET_NAMES = [name for _, _, name in BUCKETS]
 ALL = "all"
 
 
+def is_task(group: str) -> bool:
+    """A task's own group ('retrieval'), not 'all', a length bucket or a task's length bucket ('retrieval <512')."""
+    return group != ALL and group not in BUCKET_NAMES and " " not in group
+
+
 class FidelityInputError(ValueError):
     """Input the user can fix (a pair, a prompts file); reported as one line, before any model loads."""
 
@@ -117,7 +122,7 @@ class FidelityResult:
     @property
     def plotted_groups(self) -> list[str]:
         """One bar series each: the tasks when prompts carry one, else the length buckets."""
-        tasks = [g for g in self.groups if g != ALL and g not in BUCKET_NAMES and " " not in g]
+        tasks = [g for g in self.groups if is_task(g)]
         return tasks or [g for g in self.groups if g in BUCKET_NAMES] or [ALL]
 
 
@@ -302,7 +307,7 @@ def cut_off_warnings(result: FidelityResult) -> list[str]:
     warnings = []
     for pair, groups in result.pairs.items():
         for group, s in groups.items():
-            if s.mostly_cut_off and (group == ALL or group not in BUCKET_NAMES and " " not in group):
+            if s.mostly_cut_off and (group == ALL or is_task(group)):
                 warnings.append(f"{pair} {group}: {s.accuracy_cut_off} of {s.accuracy_n} graded generations reached "
                                 f"the {result.max_tokens}-token limit before an answer; raise --max-tokens")
     return warnings
