@@ -1,6 +1,6 @@
 """A CPU experiment: does a plain copy task teach a small model to pick a name's line? (docs/tiny-model.md)
 
-    python -m mixquant.tiny.copy_experiment --arm answers|copy [--steps 2000] [--records 2 | --records 2:1250,8:2250]
+    python -m training.copy_experiment --arm answers|copy [--steps 2000] [--records 2 | --records 2:1250,8:2250]
 
 A 4-layer, 128-wide Qwen3 model trained from scratch on name-by-id questions over lists of `--records` records,
 alone (`answers`) or mixed half and half with "Repeat the records as listed." (`copy`); loss on the answers only,
@@ -22,7 +22,7 @@ from multiprocessing import Pool
 import torch
 
 from mixquant.tiny import bundled_model_path, tasks
-from mixquant.tiny.train import PackedStream, encode, field_span, forward, stages
+from training.train import PackedStream, encode, field_span, forward, stages
 
 ROWS, ROW_LEN, POOL_CHUNKS, CHUNK = 16, 384, 10, 2000
 QUESTIONS = {"answers": ("name_by_id",), "copy": ("name_by_id", "all_lines")}
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         if step % 250 == 0 or step == total_steps:
             scores = {records: name_accuracy(model, tok, examples) for records, examples in heldout.items()}
-            # one size: the keys of the earlier logs (docs/tiny/copy-experiment-*.jsonl); several: one dict each
+            # one size: flat keys, as the runs in docs/tiny-model.md printed them; several: one dict each
             scores = ({k: round(v, 3) for k, v in scores[plan[0][0]].items()} if len(scores) == 1 else
                       {f"records_{n}": {k: round(v, 3) for k, v in by.items()} for n, by in scores.items()})
             print(json.dumps({"arm": args.arm, "step": step, "records": plan[stage][0],

@@ -1,8 +1,8 @@
 """Train `mixquant-tiny` on the task generator's stream, from scratch or on from a checkpoint (one GPU).
 
-    python -m mixquant.tiny.train --output-dir OUT [--minutes 7] [--batch-rows 32] [--init-from CHECKPOINT]
+    python -m training.train --output-dir OUT [--minutes 7] [--batch-rows 32] [--init-from CHECKPOINT]
 
-One run fits a 10-minute device call; the bundled weights took three (docs/tiny-model.md gives the commands).
+One run fits a 10-minute device call; the bundled weights took six (training/README.md gives the commands).
 
 Conversations are rendered with the chat template exactly as the server renders a request (the prompt with its
 generation prompt, tokenized alone) followed by the assistant turn the model must write; only that turn carries
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mixquant.tiny import tasks
+from mixquant.tiny import bundled_model_path, tasks
 
 SEQ_LEN = 4096
 NO_THINK_FRACTION = 0.3  # prompts rendered with enable_thinking=False, for tasks that need no working
@@ -469,7 +469,7 @@ def plot_loss(log_files: list[Path], path: Path):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--tokenizer", default=str(Path(__file__).parent / "checkpoint"),
+    parser.add_argument("--tokenizer", default=str(bundled_model_path()),
                         help="tokenizer folder (default: the bundled model's)")
     parser.add_argument("--minutes", type=float, default=7.0, help="training time budget (default: %(default)s)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps too (0: no limit)")

@@ -2,7 +2,7 @@
 gives the answer's first field token, and how much attention each head puts on that field's token in every record
 line (the right one first) from the position that predicts it.
 
-    python -m mixquant.tiny.probe [MODEL] [--records 2] [--examples 2] [--kinds value_by_id,name_by_id]
+    python -m training.probe [MODEL] [--records 2] [--examples 2] [--kinds value_by_id,name_by_id]
 
 transformers with eager attention is the reference here (it returns attention weights); MODEL defaults to the
 bundled mixquant-tiny.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mixquant.tiny import bundled_model_path, tasks
-from mixquant.tiny.train import encode
+from training.train import encode
 
 # The key each question kind answers after, and how many tokens after it the field starts (values: a space first)
 FIELD_KEYS = {"value_by_id": (" value", 2), "name_by_id": (" name", 1), "city_by_name": (" city", 1)}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mixquant.tiny import bundled_model_path
-from mixquant.tiny.probe import main, probe
+from training.probe import main, probe
 
 
 @pytest.fixture(scope="module")

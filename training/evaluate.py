@@ -1,7 +1,7 @@
 """Held-out accuracy of a model on the generated tasks, through the mixquant engine.
 
-    python -m mixquant.tiny.evaluate [MODEL] [--count 200] [--prefill-precision bf16] [--decode-precision bf16]
-    python -m mixquant.tiny.evaluate MODEL --tasks retrieval --retrieval-questions name_by_id --max-records 2
+    python -m training.evaluate [MODEL] [--count 200] [--prefill-precision bf16] [--decode-precision bf16]
+    python -m training.evaluate MODEL --tasks retrieval --retrieval-questions name_by_id --max-records 2
 
 Greedy, the prompt rendered with the model's chat template as the server renders it; an answer is correct by
 `mixquant fidelity`'s rule (the gold string is in the generated text). MODEL defaults to the bundled mixquant-tiny.
@@ -33,8 +33,9 @@ def heldout_examples(task_names: list[str], count: int, retrieval_kinds: tuple[s
     return [e for task in task_names for e in tasks.heldout(task, count, **(retrieval if task == "retrieval" else {}))]
 
 
-def evaluate(llm, examples: list[tasks.Example], max_tokens: int = 160) -> dict:
-    """{'by_task': {task: {bucket: [correct, n]}}, 'failures': a few wrong answers to look at}."""
+def evaluate(llm, examples: list[tasks.Example], max_tokens: int = tasks.MAX_REPLY_TOKENS) -> dict:
+    """{'by_task': {task: {bucket: [correct, n]}}, 'failures': a few wrong answers to look at, 'cut_off': how many
+    generations the token limit ended}."""
     from mixquant.sampling_params import SamplingParams
 
     tokenizer = llm.get_tokenizer()
@@ -51,12 +52,13 @@ def evaluate(llm, examples: list[tasks.Example], max_tokens: int = 160) -> dict:
         if not correct and len(failures) < 12:
             failures.append({"task": example.task, "prompt_tokens": len(ids), "gold": example.answer,
                              "output": text[-300:]})
-    return {"by_task": {t: dict(b) for t, b in counts.items()}, "failures": failures}
+    return {"by_task": {t: dict(b) for t, b in counts.items()}, "failures": failures,
+            "cut_off": sum(out.outputs[0].finish_reason == "length" for out in outputs)}
 
 
 def main(argv: list[str] | None = None) -> int:
     from mixquant import LLM
-    from mixquant.tiny.train import question_kinds
+    from training.train import question_kinds
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=str(bundled_model_path()))

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mixquant.tiny import copy_experiment, tasks
-from mixquant.tiny.train import document_mask, encode, stages
+from mixquant.tiny import tasks
+from training import copy_experiment
+from training.train import document_mask, encode, stages
 
 
 class Oracle(torch.nn.Module):

@@ -4,7 +4,7 @@ It pre-tokenizes like Qwen3 (the same split pattern: digits one by one, NFC, byt
 special tokens, and ships Qwen3's chat template (checkpoint/chat_template.jinja, Apache-2.0, Qwen team), so
 the server's template handling, the qwen3 reasoning parser and the hermes tool parser see what they see with Qwen3.
 
-    python -m mixquant.tiny.tokenizer OUT_DIR    # writes tokenizer.json, tokenizer_config.json, chat_template.jinja
+    python -m training.tokenizer OUT_DIR    # writes tokenizer.json, tokenizer_config.json, chat_template.jinja
 """
 from __future__ import annotations
 
