@@ -62,22 +62,27 @@ def quantize_checkpoint(model: str, output: str | Path, scheme: str, calibration
                                     device=device, enable_prefix_caching=False, max_num_seqs=8))
     ignore = list(ignore or []) + ["lm_head"]
     input_amax = calibrate_input_amax(engine, calibration_texts or DEFAULT_CALIBRATION) if scheme == "nvfp4" else {}
-    layers = {layer.prefix: layer for layer in engine.runner.model.linear_layers()}
+    model = engine.runner.model
+    layers = {layer.prefix: layer for layer in model.linear_layers()}
     shard_owner = {name: layer for layer in layers.values() for name in layer.shard_module_names()}
 
     original = dict(iterate_tensors(engine.model_path))
+    # our module name -> the checkpoint's (they differ under a multimodal checkpoint's text prefix)
+    checkpoint_module = {ours.rpartition(".")[0]: name.rpartition(".")[0] for name in original
+                         if (ours := model.checkpoint_name(name)) is not None}
     tensors: dict[str, torch.Tensor] = {}
     done: set[str] = set()
     for name, tensor in original.items():
         module = name.rpartition(".")[0]
-        layer = shard_owner.get(module)
+        ours = model.checkpoint_name(name)
+        layer = shard_owner.get(ours.rpartition(".")[0]) if ours is not None else None
         if layer is None or not name.endswith(".weight") or ct.matches_ignore(module, ignore):
             tensors[name] = tensor.contiguous()
             continue
         if layer.prefix in done:
             continue
         done.add(layer.prefix)
-        names = layer.shard_module_names()
+        names = [checkpoint_module[n] for n in layer.shard_module_names()]
         weights = [original[f"{n}.weight"] for n in names]
         tensors.update(ct.compress_linear_group(names, weights, scheme, input_amax.get(layer.prefix)))
         for n in names:  # a bias stays as it is
