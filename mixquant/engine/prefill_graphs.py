@@ -51,6 +51,18 @@ class PrefillGraphs:
         if capture:
             self._capture_all()
 
+    @staticmethod
+    def unsupported_reason(model) -> str | None:
+        """Why these pieces cannot cover `model`, if they cannot: each stretch between two attentions is a piece, so
+        every layer must split around its attention (DecoderLayer.before_attention / after_attention). A recurrent
+        layer's work between them (a conv and a state update per sequence, its shapes following the batch's
+        sequences) would run eagerly anyway, like attention, leaving a piece per half layer."""
+        layers = [layer for layer in model.model.layers if not hasattr(layer, "before_attention")]
+        if layers:
+            return (f"{len(layers)} of {len(model.model.layers)} layers are not split around an attention "
+                    f"({type(layers[0]).__name__}); their prefill runs eagerly")
+        return None
+
     def bucket(self, rows: int) -> int | None:
         return next((b for b in self.buckets if b >= rows), None)
 
