@@ -161,7 +161,7 @@ class ChatEndpoint:
         num_top = (request.top_logprobs or 0) if request.logprobs else None
         params = ctx.sampling_params(request, max_tokens, num_top)
         group = await ctx.submit([token_ids], params, "messages")
-        parser = self._output_parser(tool_choice, template_kwargs)
+        parser = self._output_parser(tool_choice, template_kwargs, request.tools)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         if request.stream:
             return event_stream(self._stream(request, http_request, group, parser, tool_choice, response_id, model))
@@ -193,7 +193,8 @@ class ChatEndpoint:
                               "--tool-call-parser", "tool_choice")
         return choice
 
-    def _output_parser(self, tool_choice: ToolChoice, template_kwargs: dict) -> ChatOutputParser:
+    def _output_parser(self, tool_choice: ToolChoice, template_kwargs: dict,
+                       request_tools: list[ToolDefinition] | None) -> ChatOutputParser:
         config = self.ctx.config
         reasoning = None
         if config.reasoning_parser is not None:
@@ -205,7 +206,7 @@ class ChatEndpoint:
         elif tool_choice in ("auto", "required"):
             # `required` needs no --tool-call-parser in vLLM (it constrains the output instead); hermes is the
             # format the templates we know ask for, so it is the fallback.
-            tools = TOOL_CALL_PARSERS[config.tool_call_parser or "hermes"]()
+            tools = TOOL_CALL_PARSERS[config.tool_call_parser or "hermes"](request_tools)
         return ChatOutputParser(reasoning, tools)
 
     @staticmethod
