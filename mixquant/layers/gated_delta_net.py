@@ -35,6 +35,11 @@ def fla_installed() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
+def uses_fla(x: torch.Tensor) -> bool:
+    """fla-core's kernels for CUDA tensors where it is installed; the PyTorch reference for everything else."""
+    return x.is_cuda and fla_installed()
+
+
 class GatedDeltaNet(nn.Module):
     def __init__(self, config, prefix: str):
         super().__init__()
@@ -104,7 +109,7 @@ class GatedDeltaNet(nn.Module):
     def _conv(self, x: torch.Tensor, segments: StateSegments) -> torch.Tensor:
         weight = self.conv1d.weight[:, 0]  # [conv_dim, kernel]
         state = initial_state(self.conv_state, segments)
-        if x.is_cuda and fla_installed():
+        if uses_fla(x):
             from fla.modules.causal_conv1d import causal_conv1d, causal_conv1d_update
 
             if one_row_each(x, segments):
@@ -121,18 +126,18 @@ class GatedDeltaNet(nn.Module):
     def _delta_rule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                     segments: StateSegments) -> torch.Tensor:
         state = initial_state(self.recurrent_state, segments)
-        if q.is_cuda and fla_installed():
+        if uses_fla(q):
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
             if one_row_each(q, segments):  # a decode batch: one token per sequence, the batch axis is the sequence's
                 out, state = fused_recurrent_gated_delta_rule(
-                    q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], initial_state=state,
+                    q[:, None], k[:, None], v[:, None], g=g[:, None], beta=beta[:, None], initial_state=state,
                     output_final_state=True, use_qk_l2norm_in_kernel=True)
                 out = out[:, 0]
             else:
                 out, state = chunk_gated_delta_rule(
-                    q[None], k[None], v[None], g[None], beta[None], initial_state=state, output_final_state=True,
-                    use_qk_l2norm_in_kernel=True, cu_seqlens=segments.cu_seqlens)
+                    q[None], k[None], v[None], g=g[None], beta=beta[None], initial_state=state,
+                    output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=segments.cu_seqlens)
                 out = out[0]
         else:
             out = gated_delta_rule_reference(q, k, v, g, beta, state, segments)
