@@ -121,11 +121,12 @@ def test_state_slots_return_after_abort_and_preemption(tiny_qwen3_5):
     assert engine.block_manager.state_slots.num_free_slots == 4
     for i in range(4):
         engine.add_request(str(i), list(range(100 * i + 1000, 100 * i + 1011)),
-                           SamplingParams(max_tokens=12, ignore_eos=True))
+                           SamplingParams(max_tokens=8, ignore_eos=True))
     engine.step()
     assert engine.stats()["state_slots_used"] == 4
-    while engine.scheduler.num_preemptions == 0:
+    while engine.scheduler.num_preemptions == 0 and engine.has_unfinished_requests():
         engine.step()
+    assert engine.scheduler.num_preemptions > 0
     assert engine.stats()["state_slots_used"] == len(engine.scheduler.running) < 4  # the preempted gave theirs
     engine.abort_request("0")
     engine.abort_request("1")
@@ -213,10 +214,12 @@ def test_prefill_checkpoint_leaving_linear_attention_in_bf16(tiny_qwen3_5, tmp_p
                                engine_prompt_logits(at_load.engine, ids), rtol=0, atol=0)
 
 
-def test_snapshot_settings_are_checked(tiny_qwen3_5):
+def test_snapshot_settings_are_checked(tiny_qwen3_5, capsys):
+    from mixquant.cli import main
     from mixquant.config import EngineConfig
 
-    with pytest.raises(ValueError, match="state_snapshot_interval must be a non-negative multiple of block_size"):
-        EngineConfig(model=str(tiny_qwen3_5), device="cpu", block_size=16, state_snapshot_interval=100)
     with pytest.raises(ValueError, match="num_state_snapshots must be >= 0"):
         EngineConfig(model=str(tiny_qwen3_5), device="cpu", num_state_snapshots=-1)
+    assert main(["serve", str(tiny_qwen3_5), "--device", "cpu", "--state-snapshot-interval", "100"]) == 2
+    assert "state_snapshot_interval must be a non-negative multiple of block_size (16), got 100" in \
+        capsys.readouterr().err
