@@ -141,10 +141,11 @@ class EngineConfig:
     seed: int = 0
     revision: str | None = None
     prefill_attention: str = "auto"  # see PREFILL_ATTENTIONS; "auto" is resolved in __post_init__
-    # Models with recurrent layers (Qwen3.5): a prefix-cache hit resumes only where a state snapshot was saved, at
-    # the last whole block of each prompt and every state_snapshot_interval prompt tokens (a multiple of block_size;
-    # 0: prompt ends only). Snapshot rows default to one per sequence slot (max_num_seqs); engine/state_slots.py.
-    state_snapshot_interval: int = 1024
+    # Models with recurrent layers (Qwen3.5): a prefix-cache hit resumes only where a state snapshot was saved: at
+    # the last whole block of each prompt, where a request's KV hit ended (a shared prefix's end), and every
+    # state_snapshot_interval prompt tokens if that is set (a multiple of block_size). Snapshot rows default to one
+    # per sequence slot (max_num_seqs); engine/state_slots.py.
+    state_snapshot_interval: int = 0
     num_state_snapshots: int | None = None
 
     def __post_init__(self):

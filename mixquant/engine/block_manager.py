@@ -106,6 +106,7 @@ class BlockManager:
         if self.state_slots is not None and not self.state_slots.num_free_slots:
             return False
         hits = self._cached_prefix(seq)
+        cached_end = len(hits) * self.block_size
         if self.state_slots is not None:
             hits = self._resumable(hits)
         revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
@@ -124,7 +125,7 @@ class BlockManager:
             self.prefix_cache_queries += seq.num_tokens
             self.prefix_cache_hits += seq.num_computed_tokens
         if self.state_slots is not None:
-            self.state_slots.allocate(seq, self.blocks[hits[-1]].hash if hits else None)
+            self.state_slots.allocate(seq, self.blocks[hits[-1]].hash if hits else None, cached_end)
         return True
 
     def _resumable(self, hits: list[int]) -> list[int]:

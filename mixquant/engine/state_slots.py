@@ -3,12 +3,16 @@ hold, and the snapshots that prefix caching resumes from.
 
 Such a state is a fold over every token so far, so unlike KV it cannot be rebuilt from cached blocks: a prefix-cache
 hit may resume a sequence only at a position where the state was saved. Snapshots are saved where a step ends on the
-block grid: at the last whole block of each prompt before its phase boundary (where the next turn of a
-conversation resumes: its prompt re-sends this one) and every `interval` tokens of the prompt before that (where
-conversations sharing a system prompt part). A snapshot is keyed by the hash of the block it ends on, which covers
-every token before it and the precision each was computed in (block_manager.block_hash), so it is found exactly when
-the KV blocks it goes with are, and dropped when its block is evicted. The scheduler ends a sequence's chunk at its
-next snapshot position; the block manager cuts every hit back to the deepest block a snapshot ends on.
+block grid, at three kinds of position:
+- the last whole block of each prompt before its phase boundary: the next turn of a conversation re-sends this
+  prompt and resumes here;
+- where a sequence's KV prefix hit ended, if that is past the snapshot it resumed from: other requests share its
+  prompt up to there (a system prompt), so the next one resumes here;
+- optionally every `interval` prompt tokens.
+A snapshot is keyed by the hash of the block it ends on, which covers every token before it and the precision each
+was computed in (block_manager.block_hash), so it is found exactly when the KV blocks it goes with are, and dropped
+when its block is evicted. The scheduler ends a sequence's chunk at its next snapshot position; the block manager
+cuts every hit back to the deepest block a snapshot ends on.
 """
 from __future__ import annotations
 
@@ -64,24 +68,29 @@ class StateSlots:
         self.free_slots = list(range(pool.num_slots - 1, -1, -1))
         self.free_rows = list(pool.snapshot_rows)
         self.snapshots: OrderedDict[int, int] = OrderedDict()  # block hash -> snapshot row, least recently used first
+        self.shared_ends: dict[int, int] = {}  # seq_id -> where its KV hit ended, past its snapshot
         self.num_saved = self.num_resumed = 0
 
     @property
     def num_free_slots(self) -> int:
         return len(self.free_slots)
 
-    def allocate(self, seq: Sequence, resume_from: int | None):
-        """A slot for seq; with resume_from (a block hash), the state saved at the end of that block copied in."""
+    def allocate(self, seq: Sequence, resume_from: int | None, cached_end: int):
+        """A slot for seq; with resume_from (a block hash), the state saved at the end of that block copied in.
+        cached_end: where seq's KV prefix hit ended before it was cut back to a snapshot."""
         seq.state_slot = self.free_slots.pop()
         if resume_from is not None:
             self.snapshots.move_to_end(resume_from)
             self.pool.copy(self.snapshots[resume_from], seq.state_slot)
             self.num_resumed += 1
+        if cached_end > seq.num_computed_tokens:
+            self.shared_ends[seq.seq_id] = cached_end
 
     def free(self, seq: Sequence):
         if seq.state_slot is not None:
             self.free_slots.append(seq.state_slot)
             seq.state_slot = None
+        self.shared_ends.pop(seq.seq_id, None)
 
     def has_snapshot(self, block_hash: int) -> bool:
         return block_hash in self.snapshots
@@ -89,14 +98,18 @@ class StateSlots:
     def next_snapshot(self, seq: Sequence) -> int | None:
         """The next position after seq's computed tokens where its state is saved, if any."""
         end, done = self._prompt_end(seq), seq.num_computed_tokens
-        if not self.pool.snapshot_rows or done >= end:
+        if not self.pool.snapshot_rows:
             return None
-        return min((done // self.interval + 1) * self.interval, end) if self.interval else end
+        positions = [end, self.shared_ends.get(seq.seq_id, 0)]
+        if self.interval and done < end:
+            positions.append((done // self.interval + 1) * self.interval)
+        return min((p for p in positions if p > done), default=None)
 
     def is_snapshot_position(self, seq: Sequence) -> bool:
         end, done = self._prompt_end(seq), seq.num_computed_tokens
-        return (bool(self.pool.snapshot_rows) and 0 < done <= end
-                and (done == end or (self.interval > 0 and done % self.interval == 0)))
+        return bool(self.pool.snapshot_rows) and done > 0 and (
+            done in (end, self.shared_ends.get(seq.seq_id)) or (self.interval > 0 and done < end
+                                                                 and done % self.interval == 0))
 
     def _prompt_end(self, seq: Sequence) -> int:
         """The last block boundary at or before seq's phase boundary: the next turn's prompt matches up to here."""

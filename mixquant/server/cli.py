@@ -77,10 +77,10 @@ def register(subparsers):
     engine.add_argument("--max-num-batched-tokens", type=int, default=8192)
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    engine.add_argument("--state-snapshot-interval", type=int, default=1024,
-                        help="models with recurrent state (Qwen3.5): besides each prompt's end, save the state every "
-                             "this many prompt tokens for prefix-cache hits to resume at (a multiple of the block "
-                             "size; 0: prompt ends only)")
+    engine.add_argument("--state-snapshot-interval", type=int, default=0,
+                        help="models with recurrent state (Qwen3.5): besides each prompt's end and the end of a "
+                             "shared prefix, save the state every this many prompt tokens for prefix-cache hits to "
+                             "resume at (a multiple of the block size; 0: not)")
     engine.add_argument("--num-state-snapshots", type=int,
                         help="state snapshots kept for prefix caching (default: --max-num-seqs; 0: no state reuse)")
     engine.add_argument("--seed", type=int, default=0)

@@ -57,7 +57,7 @@ def test_logits_match_transformers(arch, request):
 def test_greedy_batched_chunked_cached_and_preempted(model_and_expected):
     path, expected = model_and_expected
     runs = {
-        "batched": _llm(path, block_size=4, state_snapshot_interval=8),
+        "batched": _llm(path, block_size=4),
         "chunked": _llm(path, max_num_batched_tokens=5, enable_prefix_caching=False),
         "preempted": _llm(path, block_size=4, num_kv_blocks=10),
     }
@@ -75,13 +75,14 @@ def test_greedy_batched_chunked_cached_and_preempted(model_and_expected):
 
 
 def test_prefix_hits_resume_only_where_a_snapshot_was_saved(tiny_qwen3_5):
-    """Block size 4, snapshots every 8 tokens and at each prompt's last whole block before its last token: a prompt
-    sharing 14 tokens matches 3 cached blocks, but resumes at 8; the next turn of a conversation resumes at the end
-    of the previous prompt; without snapshots nothing resumes. Every output is transformers' greedy."""
-    llm = _llm(tiny_qwen3_5, block_size=4, state_snapshot_interval=8)
+    """Block size 4. A 23-token prompt saves its state at 20 (its last whole block before its last token). A prompt
+    sharing its first 14 tokens matches 3 cached blocks but resumes at 0, saving its state at 12 (where the shared
+    part ends) for the next such prompt, which resumes there; the next turn of the first conversation resumes at 20.
+    With snapshots every 8 tokens too, the sharing prompt resumes at 8 at once; with none, nothing resumes. Every
+    output is transformers' greedy."""
     ref = hf_model(tiny_qwen3_5)
-    first = list(range(1000, 1023))  # 23 tokens: snapshots at 8, 16 and 20
-    branch = first[:14] + list(range(3000, 3006))
+    first = list(range(1000, 1023))
+    branch, other_branch = first[:14] + list(range(3000, 3006)), first[:14] + list(range(4000, 4009))
     next_turn = first + list(range(5000, 5010))
 
     def run(engine_llm, ids):
@@ -89,17 +90,21 @@ def test_prefix_hits_resume_only_where_a_snapshot_was_saved(tiny_qwen3_5):
         assert out.outputs[0].token_ids == hf_greedy(ref, ids, GREEDY.max_tokens)
         return out.num_cached_tokens
 
-    assert run(llm, first) == 0
-    assert llm.engine.stats()["state_snapshots"] == 3
-    assert run(llm, branch) == 8
+    llm = _llm(tiny_qwen3_5, block_size=4)
+    assert run(llm, first) == 0 and llm.engine.stats()["state_snapshots"] == 1
+    assert run(llm, branch) == 0
+    assert run(llm, other_branch) == 12
     assert run(llm, next_turn) == 20
+    grid = _llm(tiny_qwen3_5, block_size=4, state_snapshot_interval=8)
+    assert run(grid, first) == 0 and grid.engine.stats()["state_snapshots"] == 3  # at 8, 16 and 20
+    assert run(grid, branch) == 8
     no_snapshots = _llm(tiny_qwen3_5, block_size=4, num_state_snapshots=0)
     assert run(no_snapshots, first) == 0 and run(no_snapshots, next_turn) == 0
     assert no_snapshots.engine.block_manager.hash_to_block  # the KV blocks were cached all along
 
 
 def test_snapshots_stay_within_their_rows_and_go_with_their_blocks(tiny_qwen3_5):
-    llm = _llm(tiny_qwen3_5, block_size=4, state_snapshot_interval=0, num_state_snapshots=2, num_kv_blocks=24)
+    llm = _llm(tiny_qwen3_5, block_size=4, num_state_snapshots=2, num_kv_blocks=24)
     prompts = [list(range(start, start + 13)) for start in (2000, 4000, 6000)]
     for prompt in prompts:
         llm.generate(prompt, GREEDY, use_tqdm=False)
