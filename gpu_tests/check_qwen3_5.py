@@ -66,7 +66,8 @@ def check_layer() -> dict:
         method = BF16Method(linear.weight, None)
         linear.set_methods(method, method)
     shapes = layer.state_shapes(torch.bfloat16)
-    initial = {name: torch.randn(6, *shape, dtype=dtype, device="cuda") * 0.1 for name, (shape, dtype) in shapes.items()}
+    initial = {name: torch.randn(6, *shape, dtype=dtype, device="cuda") * 0.1
+               for name, (shape, dtype) in shapes.items()}
     lengths, resume = [700, 333, 1, 1, 1], [False, True, True, True, True]  # 3 prefill segments, then 2 decode rows
     bounds = [0]
     for n in lengths:

@@ -142,9 +142,11 @@ CASES = {
     "xml call opened while thinking ends the reasoning": (
         XML, f"Checking.\n{XML_WEATHER_CALL}", ParsedOutput("Checking.\n", "", [WEATHER])),
     "two xml calls, text between": (
-        XML, f"</think>One.\n{XML_WEATHER_CALL}\nand {XML_PLAN_CALL}", ParsedOutput("", "One.\n\nand ", [WEATHER, PLAN])),
+        XML, f"</think>One.\n{XML_WEATHER_CALL}\nand {XML_PLAN_CALL}",
+        ParsedOutput("", "One.\n\nand ", [WEATHER, PLAN])),
     "xml block without a function stays content": (
-        XML, "</think>See <tool_call>\nnothing\n</tool_call>", ParsedOutput("", "See <tool_call>\nnothing\n</tool_call>")),
+        XML, "</think>See <tool_call>\nnothing\n</tool_call>",
+        ParsedOutput("", "See <tool_call>\nnothing\n</tool_call>")),
     "unterminated xml call counts at the end": (
         XML, "</think><tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n",
         ParsedOutput("", "", [ParsedToolCall("get_weather", '{"city": "Paris"}')])),
