@@ -197,6 +197,8 @@ def bench_decode(model: str, pairs: list[str], batches: list[int], context: int,
         engine = _engine(model, pair, context + steps + 64, 16384, max(batches), hf_overrides, eager=eager)
         notes = memory_notes(engine)
         kv_per_token = engine.runner.kv_bytes_per_block() / engine.config.block_size
+        pool = engine.runner.state_pool  # a recurrent state is read and written whole every step
+        state_per_sequence = 2 * pool.bytes_per_row if pool is not None else 0
         for batch in batches:
             for i in range(batch):
                 engine.add_request(f"d{i}", _random_prompt(context, engine.hf_config.vocab_size, i),
@@ -207,7 +209,8 @@ def bench_decode(model: str, pairs: list[str], batches: list[int], context: int,
             for i in range(batch):
                 engine.abort_request(f"d{i}")
             prefill, decode = pair.split("/")
-            bytes_per_step = _decode_weight_bytes(engine, batch) + batch * (context + steps) * kv_per_token
+            bytes_per_step = (_decode_weight_bytes(engine, batch)
+                              + batch * ((context + steps) * kv_per_token + state_per_sequence))
             rows.append(Row("decode", "mixquant", prefill, decode, context, batch, batch / t, t,
                             gbps=bytes_per_step / t / 1e9,
                             notes={**notes, "cuda_graphs": bool(engine.runner.graphs)}))

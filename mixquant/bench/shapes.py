@@ -17,6 +17,18 @@ SHAPES = {
                           num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
                           max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
                           tie_word_embeddings=False, torch_dtype="bfloat16"),
+    # Qwen3.5-9B's text decoder (the hub checkpoint is Qwen3_5ForConditionalGeneration; its vision tower is not
+    # served): 24 Gated DeltaNet layers and 8 gated full-attention layers, every 4th
+    "qwen3.5-9b": dict(architectures=["Qwen3_5ForCausalLM"], model_type="qwen3_5_text", hidden_size=4096,
+                       intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=4,
+                       head_dim=256, vocab_size=248320, max_position_embeddings=262144, rms_norm_eps=1e-6,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
+                                        "partial_rotary_factor": 0.25, "mrope_section": [11, 11, 10],
+                                        "mrope_interleaved": True},
+                       linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+                       linear_num_key_heads=16, linear_num_value_heads=32,
+                       layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 8,
+                       tie_word_embeddings=False, torch_dtype="bfloat16"),
 }
 YARN_128K = {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
              "max_position_embeddings": 131072}
@@ -32,32 +44,52 @@ def shape_dir(name: str) -> Path:
     return path
 
 
+def _layer_types(config) -> list[str]:
+    return list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+
+
 def is_sparse_layer(config, index: int) -> bool:
     """Whether layer `index` of a MoE config has experts (Qwen3-MoE's rule; dense configs have none)."""
     return (getattr(config, "num_experts", 0) > 0 and index not in (getattr(config, "mlp_only_layers", None) or [])
             and (index + 1) % getattr(config, "decoder_sparse_step", 1) == 0)
 
 
+def _mlp_params(config, index: int) -> int:
+    """The dense MLP, or the router, the top-k experts a token is routed to and a shared expert if there is one."""
+    h = config.hidden_size
+    if not is_sparse_layer(config, index):
+        return 3 * h * config.intermediate_size
+    shared = getattr(config, "shared_expert_intermediate_size", 0)
+    return (h * config.num_experts + config.num_experts_per_tok * 3 * h * config.moe_intermediate_size
+            + (3 * h * shared + h if shared else 0))
+
+
 def linear_params(config) -> int:
-    """Weights one token's decoder linear layers multiply by: attention, and the dense MLP or the router plus the
-    top-k experts it is routed to."""
+    """Weights one token's decoder linear layers multiply by (prefill_flops adds the head). Qwen3.5's full-attention
+    layers project a query and an output gate per head; its Gated DeltaNet layers project q, k, v, z, b, a and out."""
     h = config.hidden_size
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     d = getattr(config, "head_dim", None) or h // heads
-    attention = h * (heads + 2 * kv) * d + heads * d * h
-    total = 0
-    for index in range(config.num_hidden_layers):
-        if is_sparse_layer(config, index):
-            mlp = h * config.num_experts + config.num_experts_per_tok * 3 * h * config.moe_intermediate_size
-        else:
-            mlp = 3 * h * config.intermediate_size
-        total += attention + mlp
-    return total
+    types = _layer_types(config)
+    hybrid = "linear_attention" in types
+    mixers = {"full_attention": h * ((2 if hybrid else 1) * heads + 2 * kv) * d + heads * d * h}
+    if hybrid:
+        keys = config.linear_num_key_heads * config.linear_key_head_dim
+        values = config.linear_num_value_heads * config.linear_value_head_dim
+        mixers["linear_attention"] = h * (2 * keys + 2 * values + 2 * config.linear_num_value_heads) + values * h
+    return sum(mixers[kind] + _mlp_params(config, index) for index, kind in enumerate(types))
 
 
 def prefill_flops(config, tokens: int) -> float:
-    """Linear layers for every token, the head for the last one, and causal attention (QK^T and PV)."""
+    """Linear layers for every token, the head for the last one, causal attention (QK^T and PV) in full-attention
+    layers, and for Gated DeltaNet layers the recurrence counted per token (state decay, its read by k and by q, the
+    delta write: about 6 multiply-adds per state element; the chunked form spends some more)."""
     heads = config.num_attention_heads
     d = getattr(config, "head_dim", None) or config.hidden_size // heads
-    attention = 2 * 2 * heads * d * tokens * (tokens + 1) / 2 * config.num_hidden_layers
-    return 2 * linear_params(config) * tokens + 2 * config.hidden_size * config.vocab_size + attention
+    types = _layer_types(config)
+    attention = 2 * 2 * heads * d * tokens * (tokens + 1) / 2 * types.count("full_attention")
+    recurrence = 0.0
+    if "linear_attention" in types:
+        state = config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim
+        recurrence = 2 * 6 * state * tokens * types.count("linear_attention")
+    return 2 * linear_params(config) * tokens + 2 * config.hidden_size * config.vocab_size + attention + recurrence

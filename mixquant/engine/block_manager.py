@@ -5,6 +5,9 @@ The precision is part of the key because the phase rule makes KV depend on where
 held generated (decode-precision) tokens is not what a prompt (prefill-precision) run would have written, so it
 is reused only by a sequence that would write it the same way. Hits are verified against the stored tokens.
 Freed blocks keep their contents until reallocated, oldest first.
+
+Models with recurrent layers (Qwen3.5) also hold a state slot per sequence (engine/state_slots.py), taken and given
+back with the blocks; their hits are cut back to the deepest block a state snapshot ends on.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import xxhash
 
 from mixquant.config import phase_boundary
 from mixquant.engine.sequence import Sequence
+from mixquant.engine.state_slots import StateSlots
 
 
 class Block:
@@ -38,8 +42,9 @@ def block_hash(previous: int | None, writer: str, token_ids: list[int]) -> int:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, prefill_precision: str,
-                 decode_precision: str):
+                 decode_precision: str, state_slots: StateSlots | None = None):
         self.block_size = block_size
+        self.state_slots = state_slots
         self.enable_prefix_caching = enable_prefix_caching
         self.prefill_precision, self.decode_precision = prefill_precision, decode_precision
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -98,7 +103,12 @@ class BlockManager:
     def allocate(self, seq: Sequence) -> bool:
         """Gives a waiting sequence blocks for all its tokens, reusing cached ones; False if too few are free."""
         assert not seq.block_table
+        if self.state_slots is not None and not self.state_slots.num_free_slots:
+            return False
         hits = self._cached_prefix(seq)
+        cached_end = len(hits) * self.block_size
+        if self.state_slots is not None:
+            hits = self._resumable(hits)
         revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         new = self.blocks_needed(seq.num_tokens) - len(hits)
         if new + revived > self.num_free_blocks:
@@ -114,13 +124,30 @@ class BlockManager:
         if self.enable_prefix_caching and seq.params.prompt_logprobs is None:
             self.prefix_cache_queries += seq.num_tokens
             self.prefix_cache_hits += seq.num_computed_tokens
+        if self.state_slots is not None:
+            self.state_slots.allocate(seq, self.blocks[hits[-1]].hash if hits else None, cached_end)
         return True
+
+    def _resumable(self, hits: list[int]) -> list[int]:
+        """Hits cut back to the deepest block a state snapshot ends on: a recurrent state resumes nowhere else."""
+        for n in range(len(hits), 0, -1):
+            if self.state_slots.has_snapshot(self.blocks[hits[n - 1]].hash):
+                return hits[:n]
+        return []
+
+    def next_snapshot(self, seq: Sequence) -> int | None:
+        """Where seq's chunk must end for its state to be saved (the scheduler cuts there), if anywhere."""
+        if self.state_slots is None or not self.enable_prefix_caching:
+            return None
+        return self.state_slots.next_snapshot(seq)
 
     def _take_free_block(self) -> int:
         block_id, _ = self.free.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
             del self.hash_to_block[block.hash]
+            if self.state_slots is not None:
+                self.state_slots.forget(block.hash)
         block.hash, block.token_ids, block.ref_count = None, [], 1
         return block_id
 
@@ -140,6 +167,8 @@ class BlockManager:
                 self.free[block_id] = None
         seq.block_table = []
         seq.num_hashed_blocks = 0
+        if self.state_slots is not None:
+            self.state_slots.free(seq)
 
     def register_computed_blocks(self, seq: Sequence):
         """Makes seq's newly completed full blocks findable by later sequences."""
@@ -156,3 +185,5 @@ class BlockManager:
             block.hash, block.token_ids = h, seq.token_ids[i * bs:(i + 1) * bs]
             self.hash_to_block.setdefault(h, block.block_id)
         seq.num_hashed_blocks = full
+        if self.state_slots is not None and self.state_slots.is_snapshot_position(seq):
+            self.state_slots.save(seq, self.blocks[seq.block_table[full - 1]].hash)

@@ -19,6 +19,7 @@ from mixquant.engine.block_manager import BlockManager
 from mixquant.engine.model_runner import ModelRunner
 from mixquant.engine.scheduler import ScheduledBatch, Scheduler
 from mixquant.engine.sequence import Sequence
+from mixquant.engine.state_slots import StateSlots
 from mixquant.layers.sampler import sample
 from mixquant.outputs import CompletionOutput, Logprob, RequestOutput
 from mixquant.sampling_params import SamplingParams
@@ -65,8 +66,11 @@ class LLMEngine:
     def _reset_state(self):
         """No requests, an empty KV cache and prefix cache, counters at zero."""
         config = self.config
+        state_slots = None
+        if self.runner.state_pool is not None:
+            state_slots = StateSlots(self.runner.state_pool, config.block_size, config.state_snapshot_interval)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
-                                          config.prefill_precision, config.decode_precision)
+                                          config.prefill_precision, config.decode_precision, state_slots)
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, Request] = {}
         self.waiting_for_grammar: dict[str, Request] = {}  # kept from the scheduler until their grammar compiled
@@ -380,6 +384,7 @@ class LLMEngine:
             "prompt_tokens": self.num_prompt_tokens,
             "generation_tokens": self.num_generation_tokens,
             "tokens_computed": {f"{phase}/{precision}": n for (phase, precision), n in self.tokens_computed.items()},
+            **(bm.state_slots.stats() if bm.state_slots is not None else {}),
         }
 
     def kv_cache_tokens(self) -> int:
@@ -426,11 +431,17 @@ class LLMEngine:
 
     def export_kv(self, request_id: str) -> dict:
         """The computed KV of a request's first sequence, block by block, with the tokens it covers."""
+        self._check_kv_transfer()
         seq = self.requests[request_id].seqs[0]
         full = min(seq.num_computed_tokens, phase_boundary(seq.num_prompt_tokens))
         blocks = seq.block_table[:self.block_manager.blocks_needed(full)]
         return {"token_ids": seq.token_ids[:full], "prefill_precision": self.config.prefill_precision,
                 "kv": self.runner.read_kv_blocks(blocks).cpu()}
+
+    def _check_kv_transfer(self):
+        if self.runner.state_pool is not None:
+            raise ValueError("KV export/import does not carry the recurrent state of Gated DeltaNet layers, without "
+                             "which the KV alone resumes nothing: not supported for this model")
 
     def add_request_with_kv(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                             exported: dict):
@@ -439,6 +450,7 @@ class LLMEngine:
         Only prefill-phase KV is taken (at most all prompt tokens but the last), so this engine computes the last
         prompt token and every generated token in its own decode precision, as the paper's decode server does.
         """
+        self._check_kv_transfer()
         if params.structured_outputs is not None:
             raise ValueError("structured outputs are not supported for a request with imported KV")
         self.add_request(request_id, prompt_token_ids, params)

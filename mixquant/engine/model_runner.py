@@ -2,7 +2,9 @@
 
 Each sequence's scheduled tokens are cut at its phase boundary (the last prompt token) into a prefill segment
 and a decode segment, and the step's rows are laid out [all prefill segments | all decode segments]. Linear
-layers route the two row ranges to their phase's method; attention sees one segment list either way.
+layers route the two row ranges to their phase's method; attention sees one segment list either way. Models with
+recurrent layers (Qwen3.5's Gated DeltaNet) also get the state slot of each segment's sequence (StateSegments) and
+keep their state in a StatePool beside the KV cache.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from mixquant.config import EngineConfig, Phase, phase_boundary
 from mixquant.engine.prefill_graphs import PrefillGraphs, prefill_buckets
 from mixquant.engine.scheduler import ScheduledBatch
 from mixquant.engine.sequence import Sequence
+from mixquant.engine.state_slots import StatePool
 from mixquant.models import loader
-from mixquant.utils.context import AttentionSegment, ForwardContext, forward_context
+from mixquant.utils.context import AttentionSegment, ForwardContext, StateSegments, forward_context
 from mixquant.utils.hf import iterate_tensors, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ class ModelRunner:
         self.model = loader.build_model(hf_config, dtype, self.device, max_model_len)
         if config.prefill_attention != "bf16":
             self._check_fp8_prefill_attention()
+        self.state_pool = self._allocate_state_pool()
         if config.load_format == "dummy":
             loader.init_dummy_weights(self.model, config.seed)
         else:
@@ -91,21 +95,30 @@ class ModelRunner:
             except RuntimeError as e:  # an op that cannot be captured: run decode eagerly rather than not at all
                 self.graphs = {}
                 logger.warning("decode CUDA graphs disabled, capture failed: %s", e)
-            try:
-                self.prefill_graphs = PrefillGraphs(
-                    self.model, prefill_buckets(config.max_num_batched_tokens), self.scratch_block * self.block_size,
-                    self.device, dtype, capture=True)
-            except RuntimeError as e:
-                self.prefill_graphs = None
-                logger.warning("prefill CUDA graphs disabled, capture failed: %s", e)
+            unsupported = PrefillGraphs.unsupported_reason(self.model)
+            if unsupported:
+                logger.info("prefill CUDA graphs off: %s", unsupported)
+            else:
+                try:
+                    self.prefill_graphs = PrefillGraphs(
+                        self.model, prefill_buckets(config.max_num_batched_tokens),
+                        self.scratch_block * self.block_size, self.device, dtype, capture=True)
+                except RuntimeError as e:
+                    self.prefill_graphs = None
+                    logger.warning("prefill CUDA graphs disabled, capture failed: %s", e)
 
     def _check_fp8_prefill_attention(self):
         """The FP8 prefill kernels' limits (both take head_dim 64 or 128), said at startup rather than at the first
-        long prompt."""
+        long prompt. Where "auto" chose them, a model outside the limits attends in the model dtype instead."""
         from mixquant.kernels.fp8_attention import HEAD_DIMS
 
         head_dim = self.model.attention_layers()[0].head_dim
         if head_dim not in HEAD_DIMS or self.dtype not in (torch.bfloat16, torch.float16):
+            if self.config.prefill_attention_requested == "auto":
+                logger.info("prefill attention in the model dtype: the FP8 kernels take head_dim in %s, this model "
+                            "has %d", HEAD_DIMS, head_dim)
+                self.config.prefill_attention, self.config.fp8_attention_min_tokens = "bf16", 0
+                return
             raise ValueError(f"prefill_attention={self.config.prefill_attention!r} needs head_dim in {HEAD_DIMS} and "
                              f"a 16-bit dtype; this model has head_dim {head_dim}, dtype {self.dtype}")
 
@@ -113,6 +126,32 @@ class ModelRunner:
         """The ForwardContext fields that say which prefill segments attend in FP8 (EngineConfig decides)."""
         return dict(prefill_attention=self.config.prefill_attention,
                     fp8_attention_min_tokens=self.config.fp8_attention_min_tokens)
+
+    # ---- recurrent state --------------------------------------------------------------------------------------
+
+    def _allocate_state_pool(self) -> StatePool | None:
+        """A state slot per sequence the scheduler may run, and prefix-cache snapshots, for the model's recurrent
+        layers; allocated before the KV cache, which gets what memory is left."""
+        layers = self.model.state_layers()
+        if not layers:
+            return None
+        config = self.config
+        snapshots = 0
+        if config.enable_prefix_caching:
+            snapshots = config.max_num_seqs if config.num_state_snapshots is None else config.num_state_snapshots
+        pool = StatePool(layers, config.max_num_seqs, snapshots, self.dtype, self.device)
+        logger.info("%d recurrent layers: %s; %s", len(layers), layers[0].kernel_path(self.device), pool.describe())
+        return pool
+
+    def _state_segments(self, segments: list[Segment], row_starts: list[int], rows: int) -> StateSegments | None:
+        if self.state_pool is None:
+            return None
+        bounds = row_starts + [rows]
+        return StateSegments(
+            torch.tensor([seg.seq.state_slot for seg in segments], dtype=torch.long, device=self.device),
+            torch.tensor([seg.start > 0 for seg in segments], device=self.device), bounds,
+            torch.tensor(bounds, dtype=torch.long, device=self.device),
+            sum(seg.phase is Phase.PREFILL for seg in segments))
 
     # ---- KV cache -------------------------------------------------------------------------------------------
 
@@ -170,9 +209,14 @@ class ModelRunner:
     def _probe_forward(self, num_tokens: int):
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
+        state = None
+        if self.state_pool is not None:  # one fresh sequence in the first slot
+            state = StateSegments(torch.zeros(1, dtype=torch.long, device=self.device),
+                                  torch.zeros(1, dtype=torch.bool, device=self.device), [0, num_tokens],
+                                  torch.tensor([0, num_tokens], device=self.device), 1)
         ctx = ForwardContext(num_prefill_rows=num_tokens, slot_mapping=positions,
                              segments=[AttentionSegment(0, num_tokens, 0, torch.arange(1, device=self.device))],
-                             **self._prefill_attention())
+                             state=state, **self._prefill_attention())
         with torch.inference_mode(), forward_context(ctx):
             hidden = self.model(ids, positions)
             self.model.compute_logits(hidden[-self.config.max_num_seqs:])
@@ -246,7 +290,8 @@ class ModelRunner:
                                      torch.tensor(seg.seq.block_table, device=dev))
                     for start, seg in zip(row_starts[:tail], ordered[:tail])]
         ctx = ForwardContext(num_prefill, slot_mapping, segments=segments or None, block_tables=tables,
-                             context_lens=lens, **self._prefill_attention())
+                             context_lens=lens, state=self._state_segments(ordered, row_starts, row),
+                             **self._prefill_attention())
         return StepInputs(torch.from_numpy(np.array(input_ids, dtype=np.int64)).to(dev),
                           torch.from_numpy(positions).to(dev), ctx, sample_rows, prompt_rows,
                           {phase: sum(seg.end - seg.start for segs in by_phase for seg in segs if seg.phase is phase)
@@ -274,12 +319,13 @@ class ModelRunner:
                 return self.model(inputs.input_ids, inputs.positions)
         # the prefill rows alone, all in prefill precision (so the norms may hand FP8 rows to the projections), then
         # the decode rows, which read the K/V the prefill rows have just written
-        prefill = replace(ctx, slot_mapping=ctx.slot_mapping[:split], block_tables=None, context_lens=None)
+        prefill = replace(ctx, slot_mapping=ctx.slot_mapping[:split], block_tables=None, context_lens=None,
+                          state=ctx.state.prefill() if ctx.state else None)
         hidden = self._prefill_forward(inputs.input_ids[:split], inputs.positions[:split], prefill)
         if split == rows:
             return hidden
         decode = ForwardContext(0, ctx.slot_mapping[split:], block_tables=ctx.block_tables,
-                                context_lens=ctx.context_lens)
+                                context_lens=ctx.context_lens, state=ctx.state.decode() if ctx.state else None)
         return torch.cat([hidden, self._decode_forward(inputs.input_ids[split:], inputs.positions[split:], decode)])
 
     @staticmethod
@@ -318,12 +364,21 @@ class ModelRunner:
             "block_tables": torch.full((max_rows, max_blocks), self.scratch_block, dtype=torch.int32, device=dev),
             "context_lens": torch.ones(max_rows, dtype=torch.int32, device=dev),
         }
+        if self.state_pool is not None:  # padded rows run in the scratch slot
+            self.graph_inputs.update(
+                state_slots=torch.full((max_rows,), self.state_pool.scratch_slot, dtype=torch.long, device=dev),
+                state_resume=torch.zeros(max_rows, dtype=torch.bool, device=dev),
+                state_bounds=torch.arange(max_rows + 1, device=dev))
         self.graph_outputs: dict[int, torch.Tensor] = {}
         pool = None
         for rows in reversed(sizes):
             g = self.graph_inputs
+            state = None
+            if self.state_pool is not None:  # one row per sequence, as in every decode-only step
+                state = StateSegments(g["state_slots"][:rows], g["state_resume"][:rows], list(range(rows + 1)),
+                                      g["state_bounds"][:rows + 1], 0)
             ctx = ForwardContext(0, g["slot_mapping"][:rows], block_tables=g["block_tables"][:rows],
-                                 context_lens=g["context_lens"][:rows])
+                                 context_lens=g["context_lens"][:rows], state=state)
             graph = torch.cuda.CUDAGraph()
             with torch.inference_mode(), forward_context(ctx):
                 self.model(g["input_ids"][:rows], g["positions"][:rows])  # warm-up: compiles, allocates
@@ -347,6 +402,10 @@ class ModelRunner:
         g["context_lens"][:rows] = ctx.context_lens
         g["context_lens"][rows:size] = 1
         g["block_tables"][rows:size, 0] = self.scratch_block
+        if ctx.state is not None:
+            g["state_slots"][:rows] = ctx.state.slots
+            g["state_slots"][rows:size] = self.state_pool.scratch_slot
+            g["state_resume"][:rows] = ctx.state.resume
         self.graphs[size].replay()
         return self.graph_outputs[size][:rows]
 

@@ -2,7 +2,9 @@
 
 The scheduler only decides how many of each sequence's uncomputed tokens run this step. Which precision each
 of those tokens runs in follows from its position (config.phase_of_position), so a step may hold decode
-tokens of running sequences and prefill chunks of new ones together.
+tokens of running sequences and prefill chunks of new ones together. A chunk ends where the sequence's recurrent
+state is to be saved for prefix caching (models with Gated DeltaNet layers), since a state exists only where a step
+ends.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = self._num_new_tokens(seq, budget)
             while not self.block_manager.can_append(seq, n):
                 victim = self.running.pop()  # the newest loses its blocks first
                 self._preempt(victim)
@@ -70,11 +72,16 @@ class Scheduler:
                 seq.num_cached_tokens = seq.num_computed_tokens
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = self._num_new_tokens(seq, budget)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
         return batch
+
+    def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
+        n = min(seq.num_uncomputed_tokens, budget)
+        snapshot = self.block_manager.next_snapshot(seq)
+        return n if snapshot is None else min(n, snapshot - seq.num_computed_tokens)
 
     def _preempt(self, seq: Sequence):
         self.block_manager.free_sequence(seq)

@@ -38,6 +38,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prefix-cache hits at first admission
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0
+    state_slot: int | None = None  # recurrent-state slot (models with Gated DeltaNet layers; engine/state_slots.py)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     logprobs: list[PositionLogprobs] | None = None
     cumulative_logprob: float = 0.0

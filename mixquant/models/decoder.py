@@ -2,7 +2,8 @@
 
 They differ only in switches read from config.json: Qwen3 normalises q and k per head (QK-norm), Qwen2 has
 q/k/v biases, Llama neither. A family with another MLP per layer (the experts of Qwen3-MoE, models/qwen3_moe.py)
-overrides `CausalLM.make_mlp`.
+overrides `CausalLM.make_mlp`; one with other layers (Qwen3.5's Gated DeltaNet and gated attention,
+models/qwen3_5.py) overrides `CausalLM.make_layer`.
 """
 from __future__ import annotations
 
@@ -49,9 +50,9 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config, prefix: str):
+    def __init__(self, config, prefix: str, intermediate_size: int | None = None):
         super().__init__()
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, [inter, inter], False, f"{prefix}.gate_up_proj",
                                    shard_names=["gate_proj", "up_proj"])
         self.down_proj = Linear(inter, [config.hidden_size], False, f"{prefix}.down_proj")
@@ -64,7 +65,7 @@ class MLP(nn.Module):
         return self.down_proj(self.gate_up_proj(x), gated=True)
 
 
-MakeMLP = Callable[[object, int, str], nn.Module]  # (config, layer index, prefix) -> the layer's MLP
+MakeLayer = Callable[[object, int, str, RotaryEmbedding], nn.Module]  # (config, layer index, prefix, rotary)
 
 
 class DecoderLayer(nn.Module):
@@ -99,16 +100,14 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config, qk_norm: bool, qkv_bias: bool, max_position: int, make_mlp: MakeMLP):
+    def __init__(self, config, max_position: int, make_layer: MakeLayer, unit_offset_norm: bool = False):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary_emb = RotaryEmbedding(config, head_dim, max_position)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, f"model.layers.{i}", qk_norm, qkv_bias, rotary_emb,
-                         make_mlp(config, i, f"model.layers.{i}.mlp"))
-            for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(make_layer(config, i, f"model.layers.{i}", rotary_emb)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset_norm)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
@@ -122,6 +121,7 @@ class CausalLM(nn.Module):
 
     qk_norm = False
     qkv_bias = False
+    unit_offset_norms = False  # RMSNorm weights stored zero-centred, scaling by (1 + w) (Qwen3.5)
     # checkpoint name prefixes -> ours; None drops the tensors (the vision and audio towers of a multimodal checkpoint
     # served text-only)
     checkpoint_prefixes: dict[str, str | None] = {}
@@ -129,8 +129,7 @@ class CausalLM(nn.Module):
     def __init__(self, config, max_position: int):
         super().__init__()
         self.config = config
-        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
-        self.model = DecoderModel(config, self.qk_norm, qkv_bias, max_position, self.make_mlp)
+        self.model = DecoderModel(config, max_position, self.make_layer, self.unit_offset_norms)
         self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -141,6 +140,11 @@ class CausalLM(nn.Module):
             if name.startswith(prefix):
                 return None if ours is None else ours + name[len(prefix):]
         return name
+
+    def make_layer(self, config, layer_index: int, prefix: str, rotary_emb: RotaryEmbedding) -> nn.Module:
+        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
+        return DecoderLayer(config, prefix, self.qk_norm, qkv_bias, rotary_emb,
+                            self.make_mlp(config, layer_index, f"{prefix}.mlp"))
 
     def make_mlp(self, config, layer_index: int, prefix: str) -> nn.Module:
         return MLP(config, prefix)
@@ -160,6 +164,10 @@ class CausalLM(nn.Module):
 
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
+
+    def state_layers(self) -> list[nn.Module]:
+        """Layers that carry a per-sequence state from step to step (they declare it in `state_shapes`)."""
+        return [m for m in self.modules() if hasattr(m, "state_shapes")]
 
 
 class Qwen3ForCausalLM(CausalLM):

@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 # checkpoint module -> (our fused module, shard index)
 FUSED_SHARDS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+                "in_proj_qkv": ("in_proj_qkvz", 0), "in_proj_z": ("in_proj_qkvz", 1)}  # Gated DeltaNet
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)
 # experts as one module per expert (the hub's Qwen3-MoE, compressed-tensors checkpoints) or as 3-D tensors
 EXPERT_MODULE = re.compile(rf"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<shard>{'|'.join(EXPERT_SHARDS)})$")
@@ -132,11 +133,13 @@ def load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]):
 
 
 def init_dummy_weights(model: CausalLM, seed: int):
-    """Random weights in real shapes, for benchmarks; norms stay 1 so activations keep a sane scale."""
+    """Random weights in real shapes, for benchmarks; norms stay at scale 1 (0 where stored zero-centred) so
+    activations keep a sane scale."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    zero_centred = {f"{name}.weight" for name, module in model.named_modules() if getattr(module, "unit_offset", False)}
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
-            param.data.fill_(1.0)
+            param.data.fill_(0.0 if name in zero_centred else 1.0)
         else:
             param.data.normal_(0.0, 0.02, generator=gen)
 

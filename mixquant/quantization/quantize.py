@@ -127,13 +127,16 @@ def quantize_checkpoint(model: str, output: str | Path, scheme: str, calibration
     net = engine.runner.model
     ignore = list(ignore or []) + ["lm_head"] + router_ignore(net)
     input_amax = calibrate_input_amax(engine, calibration_texts or DEFAULT_CALIBRATION) if scheme == "nvfp4" else {}
-
     tensors = per_expert_tensors(dict(iterate_tensors(engine.model_path)))
-    for names in quantized_groups(net):
+    # our module name -> the checkpoint's (they differ under a multimodal checkpoint's text prefix)
+    checkpoint_module = {ours.rpartition(".")[0]: name.rpartition(".")[0] for name in tensors
+                         if (ours := net.checkpoint_name(name)) is not None}
+    for group in quantized_groups(net):
+        names = [checkpoint_module[n] for n in group]
         if any(ct.matches_ignore(n, ignore) for n in names):
             continue  # the whole group stays as it is, as the engine keeps a fused layer unquantized
         weights = [tensors.pop(f"{n}.weight") for n in names]
-        tensors.update(ct.compress_linear_group(names, weights, scheme, input_amax.get(names[0])))  # bias stays
+        tensors.update(ct.compress_linear_group(names, weights, scheme, input_amax.get(group[0])))  # bias stays
 
     output.mkdir(parents=True, exist_ok=True)
     _save_sharded(tensors, output)

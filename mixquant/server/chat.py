@@ -185,14 +185,16 @@ class ChatEndpoint:
         else:
             max_tokens = ctx.check_max_tokens(request.max_tokens, "max_tokens", len(token_ids))
         num_top = (request.top_logprobs or 0) if request.logprobs else None
-        parser = self._output_parser(tool_choice, template_kwargs)
         constraint = requested_constraint(request)
+        calls_constrained = False
         if request.tools:
             tools_constraint = tool_call_constraint(request.tools, tool_choice, request.parallel_tool_calls,
                                                     constraint)
-            if tools_constraint is not constraint:
+            calls_constrained = tools_constraint is not constraint
+            if calls_constrained:
                 await check_tool_schemas(request.tools, tool_choice)
             constraint = tools_constraint
+        parser = self._output_parser(tool_choice, template_kwargs, request.tools, calls_constrained)
         # the constraint starts where the reasoning parser starts reading content
         thinking = parser.reasoning is not None and parser.reasoning.thinking_enabled
         structured = await checked(constraint, THINK_END if thinking else None)
@@ -215,7 +217,8 @@ class ChatEndpoint:
                               "--tool-call-parser", "tool_choice")
         return choice
 
-    def _output_parser(self, tool_choice: ToolChoice, template_kwargs: dict) -> ChatOutputParser:
+    def _output_parser(self, tool_choice: ToolChoice, template_kwargs: dict,
+                       request_tools: list[ToolDefinition] | None, calls_constrained: bool) -> ChatOutputParser:
         config = self.ctx.config
         reasoning = None
         if config.reasoning_parser is not None:
@@ -223,8 +226,10 @@ class ChatEndpoint:
                 thinking_enabled=template_kwargs.get("enable_thinking", True) is not False)
         tools = None
         if tool_choice != "none":
-            # `required` and named functions need no --tool-call-parser (the output is constrained to hermes calls)
-            tools = TOOL_CALL_PARSERS[config.tool_call_parser or "hermes"]()
+            # calls a grammar constrains are hermes calls of the offered tools, whatever --tool-call-parser says
+            # (and `required` or a named function needs no parser flag, as in vLLM)
+            name = "hermes" if calls_constrained else config.tool_call_parser or "hermes"
+            tools = TOOL_CALL_PARSERS[name](request_tools)
         return ChatOutputParser(reasoning, tools)
 
     @staticmethod

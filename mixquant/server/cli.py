@@ -77,6 +77,12 @@ def register(subparsers):
     engine.add_argument("--max-num-batched-tokens", type=int, default=8192)
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    engine.add_argument("--state-snapshot-interval", type=int, default=0,
+                        help="models with recurrent state (Qwen3.5): besides each prompt's end and the end of a "
+                             "shared prefix, save the state every this many prompt tokens for prefix-cache hits to "
+                             "resume at (a multiple of the block size; 0: not)")
+    engine.add_argument("--num-state-snapshots", type=int,
+                        help="state snapshots kept for prefix caching (default: --max-num-seqs; 0: no state reuse)")
     engine.add_argument("--seed", type=int, default=0)
     engine.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                         help="dummy: random weights in the checkpoint's shapes (benchmarks)")
@@ -113,7 +119,8 @@ def run_server(args, chat_template: str | None) -> int:
         device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, hf_overrides=args.hf_overrides, seed=args.seed,
-        load_format=args.load_format, enforce_eager=args.enforce_eager))
+        load_format=args.load_format, enforce_eager=args.enforce_eager,
+        state_snapshot_interval=args.state_snapshot_interval, num_state_snapshots=args.num_state_snapshots))
     config = ServerConfig(
         served_model_names=args.served_model_name or [args.model], model_path=str(engine.model_path),
         api_key=args.api_key, chat_template=chat_template,

@@ -1,4 +1,5 @@
-"""Generated text -> reasoning, content and tool calls (vLLM's `--reasoning-parser qwen3`, `--tool-call-parser hermes`).
+"""Generated text -> reasoning, content and tool calls (vLLM's `--reasoning-parser qwen3`, `--tool-call-parser hermes`
+and `qwen3_coder`, the XML calls of Qwen3-Coder and Qwen3.5).
 
 Every parser is a pure function of the text generated so far. With `final=False` (the text is still growing) it
 holds back whatever the next tokens could still change (half a tag, an unclosed tool call, trailing whitespace
@@ -8,11 +9,14 @@ between successive parses, and a streamed response always adds up to the non-str
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 THINK_START, THINK_END = "<think>", "</think>"
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+# An XML tool call (Qwen3.5) opened before </think> ends the reasoning there, as vLLM's qwen3 parser reads it.
+XML_CALL_START = TOOL_CALL_START + "\n<function="
 
 
 def partial_tag_length(text: str, tag: str) -> int:
@@ -41,8 +45,9 @@ class ParsedOutput:
 class Qwen3ReasoningParser:
     """`<think>reasoning</think>content`. The opening tag may be in the prompt (newer templates) or generated.
 
-    Thinking on and no `</think>` yet: everything is reasoning (a response cut off while thinking has no answer).
-    Thinking off (`enable_thinking: false`): the template closed the think block itself, so all is content.
+    Thinking on and no `</think>` yet: everything is reasoning (a response cut off while thinking has no answer),
+    up to an XML tool call, which ends it. Thinking off (`enable_thinking: false`): the template closed the think
+    block itself, so all is content.
     """
 
     def __init__(self, thinking_enabled: bool = True):
@@ -56,12 +61,14 @@ class Qwen3ReasoningParser:
             text = text[len(THINK_START):]
         elif not final and THINK_START.startswith(text):
             return "", ""
-        reasoning, closed, content = text.partition(THINK_END)
-        if closed:
-            return reasoning, content
+        call, end = text.find(XML_CALL_START), text.find(THINK_END)
+        if call >= 0 and (end < 0 or call < end):
+            return text[:call], text[call:]
+        if end >= 0:
+            return text[:end], text[end + len(THINK_END):]
         if not final:
-            reasoning = reasoning[:len(reasoning) - partial_tag_length(reasoning, THINK_END)]
-        return reasoning, ""
+            text = text[:len(text) - max(partial_tag_length(text, THINK_END), partial_tag_length(text, XML_CALL_START))]
+        return text, ""
 
 
 # ---- tool calls ----------------------------------------------------------------------------------------------------
@@ -92,14 +99,19 @@ class ToolParser(Protocol):
         """(content, tool calls)."""
 
 
-class HermesToolParser:
-    """`<tool_call>{json}</tool_call>` blocks become tool calls; an unclosed block at the end counts once final.
+class TaggedToolParser:
+    """`<tool_call>...</tool_call>` blocks become tool calls (`parse_body` reads one); an unclosed block at the end
+    counts once final. A block that is not a tool call stays in the content where it was, as do the words around
+    the blocks: nothing the model wrote is dropped. Built per request, with the request's tools."""
 
-    A block whose JSON is not a tool call stays in the content where it was, as do the words around the blocks:
-    nothing the model wrote is dropped.
-    """
+    def __init__(self, tools: list | None = None):
+        self.tools = tools or []
+
+    def parse_body(self, body: str) -> ParsedToolCall | None:
+        raise NotImplementedError
 
     def extract(self, text: str, final: bool) -> tuple[str, list[ParsedToolCall]]:
+        """(content, tool calls)."""
         content: list[str] = []
         calls: list[ParsedToolCall] = []
         position = 0
@@ -117,7 +129,7 @@ class HermesToolParser:
                 break  # still being written
             body_end = len(text) if end < 0 else end
             block_end = len(text) if end < 0 else end + len(TOOL_CALL_END)
-            call = parse_tool_call(text[start + len(TOOL_CALL_START):body_end])
+            call = self.parse_body(text[start + len(TOOL_CALL_START):body_end])
             if call is None:
                 content.append(text[start:block_end])
             else:
@@ -127,6 +139,56 @@ class HermesToolParser:
         if not final:
             return joined.rstrip(), calls  # trailing whitespace may only separate the text from a tool call
         return (joined if joined.strip() else ""), calls
+
+
+class HermesToolParser(TaggedToolParser):
+    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Qwen2.5, Qwen3)."""
+
+    def parse_body(self, body: str) -> ParsedToolCall | None:
+        return parse_tool_call(body)
+
+
+FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)(?:</function>\s*|$)", re.DOTALL)
+PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
+
+
+class Qwen3CoderToolParser(TaggedToolParser):
+    """`<tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>\n</function>\n</tool_call>` (Qwen3-Coder,
+    Qwen3.5). Values are written as text: each becomes the JSON value its parameter's type in the request's tool
+    schema asks for (a string stays a string, `2` of an integer parameter becomes 2); text that is not of that type,
+    and the values of parameters the schema does not name, stay strings."""
+
+    def parse_body(self, body: str) -> ParsedToolCall | None:
+        function = FUNCTION.fullmatch(body)
+        if function is None:
+            return None
+        name = function[1].strip()
+        schema = next((tool.function.parameters or {} for tool in self.tools if tool.function.name == name), {})
+        properties = schema.get("properties") or {}
+        arguments = {}
+        for parameter in PARAMETER.finditer(function[2]):
+            key = parameter[1].strip()
+            arguments[key] = typed_value(parameter[2].removeprefix("\n").removesuffix("\n"), properties.get(key))
+        return ParsedToolCall(name, json.dumps(arguments, ensure_ascii=False))
+
+
+def typed_value(text: str, schema: dict | None) -> Any:
+    """A parameter's text as the JSON value of its schema's type (the first non-null one of a list of types)."""
+    kind = (schema or {}).get("type", "string")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    if kind == "string":
+        return text
+    if text.strip() == "null":
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    accepted = {"integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}.get(kind)
+    if accepted is None or (isinstance(value, bool) and kind != "boolean") or not isinstance(value, accepted):
+        return text
+    return value
 
 
 # ---- both ----------------------------------------------------------------------------------------------------------
@@ -147,4 +209,4 @@ class ChatOutputParser:
 
 
 REASONING_PARSERS = {"qwen3": Qwen3ReasoningParser}
-TOOL_CALL_PARSERS = {"hermes": HermesToolParser}
+TOOL_CALL_PARSERS = {"hermes": HermesToolParser, "qwen3_coder": Qwen3CoderToolParser}

@@ -62,7 +62,21 @@ def load_config(path: Path, hf_overrides: dict | None = None):
     model_type = raw.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"{config_file}: unknown model_type {model_type!r}")
-    return CONFIG_MAPPING[model_type].from_dict(raw)
+    return decoder_config(CONFIG_MAPPING[model_type].from_dict(raw))
+
+
+def decoder_config(config):
+    """The config of the text decoder the engine runs: a multimodal checkpoint's text_config (Qwen3.5's, served
+    text-only), which takes the checkpoint's architecture, dtype and embedding tying (transformers ties by the
+    top-level value); any other config as it is."""
+    text = config.get_text_config(decoder=True)
+    if text is config:
+        return config
+    text.architectures = config.architectures
+    text.tie_word_embeddings = config.tie_word_embeddings
+    if getattr(text, "dtype", None) is None:
+        text.dtype = getattr(config, "dtype", None)
+    return text
 
 
 def safetensors_files(path: Path) -> list[Path]:
