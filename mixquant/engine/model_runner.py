@@ -70,12 +70,15 @@ class ModelRunner:
         self.model = loader.build_model(hf_config, dtype, self.device, max_model_len)
         if config.prefill_attention != "bf16":
             self._check_fp8_prefill_attention()
+        checkpoint = resolve_model_path(config.checkpoint, config.revision)
+        prequantized = None
         if config.load_format == "dummy":
             loader.init_dummy_weights(self.model, config.seed)
+        elif config.prefill_only and config.prefill_model:
+            prequantized = loader.load_prefill_checkpoint(self.model, checkpoint, self.device)
         else:
-            loader.load_weights(self.model, iterate_tensors(resolve_model_path(config.model, config.revision)))
-        prequantized = None
-        if config.prefill_model:
+            loader.load_weights(self.model, iterate_tensors(checkpoint))
+        if config.prefill_model and prequantized is None:
             prequantized = loader.read_prequantized(resolve_model_path(config.prefill_model, config.revision),
                                                     self.device)
         loader.assign_linear_methods(self.model, config, dtype, prequantized)
@@ -177,6 +180,15 @@ class ModelRunner:
             hidden = self.model(ids, positions)
             self.model.compute_logits(hidden[-self.config.max_num_seqs:])
         torch.cuda.synchronize()
+
+    def kv_cache_tensors(self) -> list[torch.Tensor]:
+        """The tensors that hold the KV cache, as a KV connector registers them with its transport."""
+        return [self.kv_cache]
+
+    def kv_block_planes(self) -> list[torch.Tensor]:
+        """Views [blocks, ...] into kv_cache_tensors() in which each block is one contiguous run of bytes (K, then V,
+        of each layer): a KV connector moves a block as one run per plane, the same block id in every plane."""
+        return [self.kv_cache[kv, layer] for kv in range(2) for layer in range(self.kv_cache.shape[1])]
 
     def read_kv_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """[2, layers, len(block_ids), block_size, kv_heads, head_dim]: a request's KV, for export."""
@@ -306,6 +318,8 @@ class ModelRunner:
 
     def _capture_decode_graphs(self):
         """One graph per batch size; a decode step of b rows replays the smallest graph with >= b rows."""
+        if self.config.prefill_only:  # it runs no decode step
+            return
         max_rows = min(self.config.max_num_seqs, 256)
         sizes = sorted({1, 2, 4, 8, *range(16, max_rows + 1, 16), max_rows})
         dev = self.device

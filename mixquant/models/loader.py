@@ -19,7 +19,7 @@ from mixquant.models.decoder import CausalLM
 from mixquant.models.registry import model_class
 from mixquant.quantization import compressed_tensors as ct
 from mixquant.quantization.linear_methods import (
-    ActivationGroup, BF16Method, FP8Method, LinearMethod, NVFP4Method)
+    ActivationGroup, BF16Method, FP8Method, LinearMethod, NoDecodeMethod, NVFP4Method)
 from mixquant.utils.hf import iterate_tensors
 
 # checkpoint module -> (our fused module, shard index)
@@ -47,14 +47,16 @@ def build_model(hf_config, dtype: torch.dtype, device: torch.device, max_positio
         torch.set_default_dtype(previous)
 
 
-def load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]):
-    """Copies a Hugging Face state dict (possibly sharded q/k/v, gate/up) into the model; every parameter must come."""
+def load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]], quantized: set[str] = frozenset()):
+    """Copies a Hugging Face state dict (possibly sharded q/k/v, gate/up) into the model; every parameter must come,
+    but the weights of `quantized` layers (their pre-quantized tensors are read apart)."""
     modules = dict(model.named_modules())
     expected = {name for name, _ in model.named_parameters()}
     for layer in model.linear_layers():  # a fused layer is complete only when every shard came
         for param in ("weight", "bias") if layer.bias is not None else ("weight",):
             expected.discard(f"{layer.prefix}.{param}")
-            expected.update(f"{parent}.{param}" for parent in layer.shard_module_names())
+            if not (param == "weight" and layer.prefix in quantized):
+                expected.update(f"{parent}.{param}" for parent in layer.shard_module_names())
     loaded: set[str] = set()
     unexpected: list[str] = []
     tied = getattr(model.config, "tie_word_embeddings", False)
@@ -64,6 +66,8 @@ def load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]):
         module_name, _, param_name = name.rpartition(".")
         target, shard = model_module_for(module_name)
         module = modules.get(target)
+        if target in quantized and param_name != "bias":
+            continue
         if isinstance(module, Linear):
             module.load_shard(param_name, tensor, shard)
             loaded.add(name)
@@ -113,6 +117,17 @@ def read_prequantized(path: Path, device: torch.device) -> PrequantizedCheckpoin
             continue  # embeddings, norms and the head come from the BF16 model
         target, shard = model_module_for(module_name)
         checkpoint.tensors[target].setdefault(shard, {})[param_name] = tensor.to(device)
+    return checkpoint
+
+
+def load_prefill_checkpoint(model: CausalLM, path: Path, device: torch.device) -> PrequantizedCheckpoint:
+    """A pre-quantized checkpoint as the only source of weights (an engine that only prefills): its quantized layers
+    get their quantized tensors and no model-dtype weight; embeddings, norms, the head and the layers it keeps
+    unquantized load as from a plain checkpoint."""
+    checkpoint = read_prequantized(path, device)
+    quantized = {layer.prefix for layer in model.linear_layers() if layer.prefix in checkpoint.tensors
+                 and not _is_unquantized(layer, [], checkpoint.scheme.ignore)}
+    load_weights(model, iterate_tensors(path), quantized)
     return checkpoint
 
 
@@ -187,4 +202,5 @@ def assign_linear_methods(model: CausalLM, config: EngineConfig, compute_dtype: 
                                                                  native, compute_dtype)
             return methods[precision]
 
-        layer.set_methods(method(config.precision(Phase.PREFILL)), method(config.precision(Phase.DECODE)))
+        decode = NoDecodeMethod() if config.prefill_only else method(config.precision(Phase.DECODE))
+        layer.set_methods(method(config.precision(Phase.PREFILL)), decode)
