@@ -174,7 +174,8 @@ class ChatEndpoint:
                 logprobs=chat_logprobs(completion, 0, num_top) if num_top is not None else None,
                 finish_reason=self._finish_reason(tool_choice, parsed, completion),
                 stop_reason=completion.stop_reason))
-        response = ChatCompletionResponse(id=response_id, model=model, choices=choices, usage=usage_of([output]))
+        response = ChatCompletionResponse(id=response_id, model=model, choices=choices, usage=usage_of([output]),
+                                          kv_transfer_params=output.kv_transfer_params)
         return JSONResponse(response.model_dump())
 
     def _tool_choice(self, request: ChatCompletionRequest) -> ToolChoice:

@@ -41,6 +41,8 @@ class SamplingRequest(RequestModel):
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's disaggregated prefill protocol (mixquant/distributed/kv_transfer.py), as `mixquant proxy` sends it
+    kv_transfer_params: dict[str, Any] | None = None
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -91,6 +93,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer, for the decode instance
 
 
 # ---- chat: messages ------------------------------------------------------------------------------------------------
@@ -269,6 +272,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer, for the decode instance
 
 
 class DeltaFunctionCall(BaseModel):

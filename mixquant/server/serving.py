@@ -63,6 +63,9 @@ class ServingContext:
                         prompt_logprobs: int | None = None) -> SamplingParams:
         if request.logit_bias:
             raise bad_request("logit_bias is not supported by this server", "logit_bias")
+        if request.stream and (request.kv_transfer_params or {}).get("do_remote_decode"):
+            raise bad_request("kv_transfer_params.do_remote_decode needs stream false: the answer carries what the "
+                              "decode instance needs", "stream")
         # generation_config.json's keys are also the request's field names; what the request sets wins
         values = dict(self.config.generation_defaults)
         values.update({name: getattr(request, name) for name in GENERATION_DEFAULT_KEYS
@@ -73,7 +76,8 @@ class ServingContext:
                 stop=request.stop, stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
                 include_stop_str_in_output=request.include_stop_str_in_output,
                 skip_special_tokens=request.skip_special_tokens, presence_penalty=request.presence_penalty,
-                frequency_penalty=request.frequency_penalty, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                frequency_penalty=request.frequency_penalty, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                kv_transfer_params=request.kv_transfer_params)
         except ValueError as e:
             # "SamplingParams.top_p must be in (0, 1], got 1.5": the client knows the field without our prefix
             message = str(e).removeprefix("SamplingParams.")
