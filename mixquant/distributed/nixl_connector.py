@@ -197,7 +197,12 @@ class NixlConnector:
             def log_message(self, *args):  # one GET per decode instance: not worth a log line
                 pass
 
-        server = ThreadingHTTPServer((self.config.kv_ip, self.config.kv_port), Handler)
+        address = (self.config.kv_ip, self.config.kv_port)
+        try:
+            server = ThreadingHTTPServer(address, Handler)
+        except OSError as e:
+            raise ValueError(f"the NIXL side channel cannot listen on {address[0]}:{address[1]} ({e}): set another "
+                             "kv_ip or kv_port in --kv-transfer-config") from e
         threading.Thread(target=server.serve_forever, name="nixl-side-channel", daemon=True).start()
         return server
 

@@ -464,6 +464,8 @@ class LLMEngine:
             return "layout_mismatch", f"its KV blocks hold {remote.block_size} tokens, ours {self.config.block_size}"
         if params.n > 1:
             return "n_above_1", "n > 1 (only single-sequence requests read remote KV)"
+        if params.prompt_logprobs is not None:
+            return "prompt_logprobs", "prompt logprobs need the prompt's logits, computed here"
         return None
 
     def _read_remote_prefills(self, seqs: list[Sequence]):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -201,4 +202,15 @@ def test_n_above_1_computes_the_prompt_once_on_each_side(instances):
                                                kv_transfer_params=output.kv_transfer_params))
     assert [len(c.token_ids) for c in got.outputs] == [4, 4]
     assert d.stats()["kv_transfer"]["fallbacks"]["n_above_1"] == 1
+    at_baseline(p, d)
+
+
+def test_prompt_logprobs_are_computed_where_they_are_asked(instances):
+    p, d = instances.p, instances.d
+    prompt = [token + 2 for token in instances.prompts[4]]
+    scored = with_kv(SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1), prefill(p, "p-lp", prompt))
+    got = run(d, "d-lp", prompt, scored)
+    assert len(got.prompt_logprobs) == len(prompt)
+    assert got.prompt_logprobs == run(d, "d-lp-local", prompt, replace(scored, kv_transfer_params=None)).prompt_logprobs
+    assert d.stats()["kv_transfer"]["fallbacks"]["prompt_logprobs"] == 1
     at_baseline(p, d)
