@@ -214,3 +214,15 @@ def test_prompt_logprobs_are_computed_where_they_are_asked(instances):
     assert got.prompt_logprobs == run(d, "d-lp-local", prompt, replace(scored, kv_transfer_params=None)).prompt_logprobs
     assert d.stats()["kv_transfer"]["fallbacks"]["prompt_logprobs"] == 1
     at_baseline(p, d)
+
+
+def test_a_prefill_instance_warms_up_without_decoding(tiny_qwen3, tiny_fp8):
+    """The GPU start-up warm-up (run here on the CPU) computes prompts only: a decode row would raise."""
+    engine = make_engine(tiny_qwen3, "kv_producer", prefill_model=str(tiny_fp8), max_num_batched_tokens=64)
+    connector, engine.kv_connector = engine.kv_connector, None  # on a GPU it warms up before the connector exists
+    try:
+        engine.warm_up()
+        assert not engine.has_unfinished_requests() and engine.block_manager.usage() == 0
+        assert engine.tokens_computed == {}
+    finally:
+        connector.close()
