@@ -7,14 +7,16 @@ memory on a CPU). An instance that prefills for others serves its agent's metada
 small HTTP side channel; a decode instance fetches them once per prefill instance, in a background thread, and
 refuses layouts that differ from its own.
 
-Only the engine thread calls the connector (like the engine, it is not thread-safe); transfers progress in NIXL's
-own threads meanwhile.
+Only the engine thread calls the connector (like the engine, it is not thread-safe). Transfers progress meanwhile in
+a thread that polls the agent every millisecond: over TCP a prefill instance's blocks are read only while its side
+progresses, and NIXL's own progress thread would spin (its Python API gives it no delay), half a core per instance.
 """
 from __future__ import annotations
 
 import base64
 import json
 import logging
+import queue
 import threading
 import time
 from collections import Counter
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 METADATA_PATH = "/nixl/metadata"
 IDLE_POLL_SECONDS = 0.001  # how long an engine step with nothing to compute waits for a transfer to move on
+PROGRESS_SECONDS = 0.001  # between two polls of the agent by the progress thread
 # vLLM's buckets for vllm:nixl_xfer_time_seconds
 XFER_TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0)
 XFER_BYTES_BUCKETS = tuple(float(1 << k) for k in range(16, 36, 2))  # 64 KiB .. 16 GiB
@@ -142,7 +145,7 @@ class NixlConnector:
                  block_size: int, block_manager: BlockManager, kv_precision: str):
         """planes: the KV cache as ModelRunner.kv_block_planes() gives it; registered: the tensors they lie in."""
         try:
-            from nixl._api import nixl_agent, nixl_agent_config
+            from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
         except ImportError as e:
             raise ValueError(f"the NIXL connector needs the nixl package ({e}): pip install 'mixquant[nixl]'") from e
 
@@ -150,7 +153,9 @@ class NixlConnector:
         self.block_manager = block_manager
         self.kv_precision = kv_precision
         self.layout = KVLayout.of(planes, block_size)
-        self.agent = nixl_agent(config.engine_id, nixl_agent_config(backends=config.backends))
+        # thread-safe (STRICT): the progress thread polls it beside the engine thread
+        self.agent = nixl_agent(config.engine_id, nixl_agent_config(
+            backends=config.backends, enable_prog_thread=False, sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT))
         self._registered = self.agent.register_memory(self.agent.get_reg_descs(registered))
         self._local_dlist = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", self.layout.descriptors(),
                                                        self.layout.mem_type)
@@ -159,6 +164,10 @@ class NixlConnector:
         self._peers: dict[str, _Peer] = {}
         self._retired: list[_Peer] = []  # failed peers, removed once no read refers to them
         self._handshakes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nixl-handshake")
+        self._notifications: queue.SimpleQueue[bytes] = queue.SimpleQueue()  # read notices, from the progress thread
+        self._closed = threading.Event()
+        self._progress_thread = threading.Thread(target=self._progress, name="nixl-progress", daemon=True)
+        self._progress_thread.start()
         self.side_channel: ThreadingHTTPServer | None = None
         if config.prefills_for_others:
             self.side_channel = self._serve_metadata()
@@ -217,12 +226,17 @@ class NixlConnector:
         return remote_decode_params(self.config.engine_id, request_id, self.config.kv_ip, self.side_channel_port,
                                     block_ids, self.layout.block_size, token_ids, self.kv_precision)
 
+    def _progress(self):
+        while not self._closed.wait(PROGRESS_SECONDS):
+            for messages in self.agent.get_new_notifs().values():
+                for message in messages:
+                    self._notifications.put(message)
+
     def _free_blocks_read(self):
-        for messages in self.agent.get_new_notifs().values():
-            for message in messages:
-                held = self._held.pop(message.decode(), None)
-                if held is not None:
-                    self.block_manager.release_blocks(held.block_ids)
+        while not self._notifications.empty():
+            held = self._held.pop(self._notifications.get().decode(), None)
+            if held is not None:
+                self.block_manager.release_blocks(held.block_ids)
         now = time.monotonic()
         while self._held:
             request_id, held = next(iter(self._held.items()))  # one timeout for all: oldest deadline first
@@ -264,8 +278,7 @@ class NixlConnector:
     def poll(self) -> list[tuple[Sequence, bool]]:
         """Frees blocks decode instances have read or left too long; returns the sequences whose read ended, each
         with whether it succeeded (a failed one was logged and counted; its sequence computes its prompt itself)."""
-        if self._held:
-            self._free_blocks_read()
+        self._free_blocks_read()
         ended = []
         for read in list(self._reads):
             if read.outcome is None:
@@ -403,6 +416,8 @@ class NixlConnector:
                 "read_seconds": self.read_seconds.snapshot(), "read_bytes": self.read_bytes.snapshot()}
 
     def close(self):
+        self._closed.set()
+        self._progress_thread.join()
         if self.side_channel is not None:
             self.side_channel.shutdown()
             self.side_channel.server_close()
