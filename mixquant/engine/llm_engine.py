@@ -496,11 +496,9 @@ class LLMEngine:
         instance, and their output says where (kv_transfer_params)."""
         finished = set()
         for seq in list(self.scheduler.finished_prefills):
-            n = seq.num_target_tokens
             if self.kv_connector is not None:  # else a warm-up request: nobody to hand it to
-                blocks = seq.block_table[:self.block_manager.blocks_needed(n)]
                 self.requests[seq.request_id].kv_transfer_params = self.kv_connector.hold(
-                    seq.request_id, blocks, seq.token_ids[:n])
+                    seq.request_id, seq.block_table, seq.token_ids[:seq.num_target_tokens])
             seq.finish_reason = "length"
             self.scheduler.finish(seq)
             self.num_prompt_tokens += seq.num_prompt_tokens
