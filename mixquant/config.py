@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from mixquant.distributed.kv_transfer import KVTransferConfig
+
 Precision = Literal["bf16", "fp8", "nvfp4"]
 PRECISIONS: tuple[str, ...] = ("bf16", "fp8", "nvfp4")
 # Attention of prefill segments with nothing cached before them: SDPA in the model dtype, the FP8 Triton kernel
@@ -147,6 +149,7 @@ class EngineConfig:
     # per sequence slot (max_num_seqs); engine/state_slots.py.
     state_snapshot_interval: int = 0
     num_state_snapshots: int | None = None
+    kv_transfer_config: KVTransferConfig | None = None  # a disaggregated prefill or decode instance
 
     def __post_init__(self):
         self.device_obj = resolve_device(self.device)
@@ -194,6 +197,18 @@ class EngineConfig:
             fast = self.prefill_precision == "fp8" and fp8_cudnn_unavailable_reason(self.device_obj) is None
             self.prefill_attention = "fp8-cudnn" if fast else "bf16"
             self.fp8_attention_min_tokens = AUTO_FP8_ATTENTION_MIN_TOKENS if fast else 0
+
+    @property
+    def prefill_only(self) -> bool:
+        """A disaggregated prefill instance (kv_role kv_producer): it never computes a decode row, so it has no
+        decode weights."""
+        return self.kv_transfer_config is not None and self.kv_transfer_config.kv_role == "kv_producer"
+
+    @property
+    def checkpoint(self) -> str:
+        """Where the weights, config.json and tokenizer come from: a prefill-only engine given a pre-quantized
+        prefill checkpoint loads that alone (no model-dtype copy of its quantized layers)."""
+        return self.prefill_model if self.prefill_only and self.prefill_model else self.model
 
     def precision(self, phase: Phase) -> str:
         return self.prefill_precision if phase is Phase.PREFILL else self.decode_precision

@@ -90,6 +90,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    # vLLM's disaggregated prefill protocol: {"do_remote_decode": true} to a prefill instance, its answer to a
+    # decode instance (mixquant/distributed/kv_transfer.py)
+    kv_transfer_params: dict | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):

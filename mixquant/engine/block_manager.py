@@ -12,6 +12,7 @@ back with the blocks; their hits are cut back to the deepest block a state snaps
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import numpy as np
 import xxhash
@@ -38,6 +39,10 @@ def block_hash(previous: int | None, writer: str, token_ids: list[int]) -> int:
     h.update(writer.encode())
     h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
     return h.intdigest()
+
+
+def across_boundary(before: str, num_before: int, after: str) -> str:
+    return before if before == after else f"{before}<{num_before}>{after}"
 
 
 class BlockManager:
@@ -68,18 +73,21 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def writer(self, seq: Sequence, block_index: int) -> str:
-        """The precision that wrote a block's KV; a block across the phase boundary names both and where."""
-        if block_index < seq.num_imported_blocks:
-            return seq.imported_kv_precision
-        if self.prefill_precision == self.decode_precision:
-            return self.prefill_precision
-        boundary = phase_boundary(seq.num_prompt_tokens)
+        """The precision that wrote a block's KV; a block across the phase boundary names both and where.
+
+        Imported KV (from a prefill instance) ends at the phase boundary or at a block's end."""
         start, end = block_index * self.block_size, (block_index + 1) * self.block_size
+        imported = seq.num_imported_tokens
+        if end <= imported:
+            return seq.imported_kv_precision
+        if start < imported:
+            return across_boundary(seq.imported_kv_precision, imported - start, self.decode_precision)
+        boundary = phase_boundary(seq.num_prompt_tokens)
         if end <= boundary:
             return self.prefill_precision
         if start >= boundary:
             return self.decode_precision
-        return f"{self.prefill_precision}<{boundary - start}>{self.decode_precision}"
+        return across_boundary(self.prefill_precision, boundary - start, self.decode_precision)
 
     def _hash_chain(self, seq: Sequence, num_blocks: int, start: int = 0, previous: int | None = None):
         bs = self.block_size
@@ -88,12 +96,12 @@ class BlockManager:
             yield i, previous
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """Block ids holding seq's leading full blocks; the last token is never taken from the cache."""
+        """Block ids holding seq's leading full blocks; the last token to compute is never taken from the cache."""
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         hits = []
         bs = self.block_size
-        for i, h in self._hash_chain(seq, (seq.num_tokens - 1) // bs):
+        for i, h in self._hash_chain(seq, (seq.num_target_tokens - 1) // bs):
             block_id = self.hash_to_block.get(h)
             if block_id is None or self.blocks[block_id].token_ids != seq.token_ids[i * bs:(i + 1) * bs]:
                 break
@@ -110,7 +118,7 @@ class BlockManager:
         if self.state_slots is not None:
             hits = self._resumable(hits)
         revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
-        new = self.blocks_needed(seq.num_tokens) - len(hits)
+        new = self.blocks_needed(seq.num_target_tokens) - len(hits)
         if new + revived > self.num_free_blocks:
             return False
         for block_id in hits:
@@ -160,15 +168,27 @@ class BlockManager:
         seq.block_table.extend(self._take_free_block() for _ in range(needed))
 
     def free_sequence(self, seq: Sequence):
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
+        self.release_blocks(reversed(seq.block_table))
         seq.block_table = []
         seq.num_hashed_blocks = 0
         if self.state_slots is not None:
             self.state_slots.free(seq)
+
+    def hold_blocks(self, block_ids: list[int]):
+        """Another reference to blocks in use (a KV transfer reading or writing them), so they outlive their
+        sequence."""
+        for block_id in block_ids:
+            assert self.blocks[block_id].ref_count > 0, f"block {block_id} is free"
+            self.blocks[block_id].ref_count += 1
+
+    def release_blocks(self, block_ids: Iterable[int]):
+        """Drops one reference to each block; blocks nothing refers to any more become free, with their contents
+        kept until reallocated (those given first are reallocated first)."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
 
     def register_computed_blocks(self, seq: Sequence):
         """Makes seq's newly completed full blocks findable by later sequences."""

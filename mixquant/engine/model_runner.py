@@ -74,12 +74,15 @@ class ModelRunner:
         if config.prefill_attention != "bf16":
             self._check_fp8_prefill_attention()
         self.state_pool = self._allocate_state_pool()
+        checkpoint = resolve_model_path(config.checkpoint, config.revision)
+        prequantized = None
         if config.load_format == "dummy":
             loader.init_dummy_weights(self.model, config.seed)
+        elif config.prefill_only and config.prefill_model:
+            prequantized = loader.load_prefill_checkpoint(self.model, checkpoint, self.device)
         else:
-            loader.load_weights(self.model, iterate_tensors(resolve_model_path(config.model, config.revision)))
-        prequantized = None
-        if config.prefill_model:
+            loader.load_weights(self.model, iterate_tensors(checkpoint))
+        if config.prefill_model and prequantized is None:
             prequantized = loader.read_prequantized(
                 self.model, resolve_model_path(config.prefill_model, config.revision), self.device)
         loader.assign_methods(self.model, config, dtype, prequantized)
@@ -222,6 +225,15 @@ class ModelRunner:
             self.model.compute_logits(hidden[-self.config.max_num_seqs:])
         torch.cuda.synchronize()
 
+    def kv_cache_tensors(self) -> list[torch.Tensor]:
+        """The tensors that hold the KV cache, as a KV connector registers them with its transport."""
+        return [self.kv_cache]
+
+    def kv_block_planes(self) -> list[torch.Tensor]:
+        """Views [blocks, ...] into kv_cache_tensors() in which each block is one contiguous run of bytes (K, then V,
+        of each layer): a KV connector moves a block as one run per plane, the same block id in every plane."""
+        return [self.kv_cache[kv, layer] for kv in range(2) for layer in range(self.kv_cache.shape[1])]
+
     def read_kv_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """[2, layers, len(block_ids), block_size, kv_heads, head_dim]: a request's KV, for export."""
         return self.kv_cache[:, :, torch.tensor(block_ids, device=self.device)].clone()
@@ -352,6 +364,8 @@ class ModelRunner:
 
     def _capture_decode_graphs(self):
         """One graph per batch size; a decode step of b rows replays the smallest graph with >= b rows."""
+        if self.config.prefill_only:  # it runs no decode step
+            return
         max_rows = min(self.config.max_num_seqs, 256)
         sizes = sorted({1, 2, 4, 8, *range(16, max_rows + 1, 16), max_rows})
         dev = self.device

@@ -51,6 +51,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
             yield
         finally:
             await async_engine.shutdown()
+            engine.shutdown()
 
     app = FastAPI(title="mixquant", version=__version__, lifespan=lifespan)
     app.state.engine = async_engine

@@ -166,7 +166,7 @@ class ChatEndpoint:
                 finish_reason=self._finish_reason(chat.tool_choice, parsed, completion),
                 stop_reason=completion.stop_reason))
         response = ChatCompletionResponse(id=response_id, model=chat.model, choices=choices,
-                                          usage=usage_of([output]))
+                                          usage=usage_of([output]), kv_transfer_params=output.kv_transfer_params)
         return JSONResponse(response.model_dump())
 
     async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:

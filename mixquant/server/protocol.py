@@ -77,6 +77,8 @@ class SamplingRequest(RequestModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM's disaggregated prefill protocol (mixquant/distributed/kv_transfer.py), as `mixquant proxy` sends it
+    kv_transfer_params: dict[str, Any] | None = None
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -127,6 +129,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer, for the decode instance
 
 
 # ---- chat: messages ------------------------------------------------------------------------------------------------
@@ -301,6 +304,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer, for the decode instance
 
 
 class DeltaFunctionCall(BaseModel):

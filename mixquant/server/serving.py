@@ -64,6 +64,9 @@ class ServingContext:
                         structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         if request.logit_bias:
             raise bad_request("logit_bias is not supported by this server", "logit_bias")
+        if request.stream and (request.kv_transfer_params or {}).get("do_remote_decode"):
+            raise bad_request("kv_transfer_params.do_remote_decode needs stream false: the answer carries what the "
+                              "decode instance needs", "stream")
         # generation_config.json's keys are also the request's field names; what the request sets wins
         values = dict(self.config.generation_defaults)
         values.update({name: getattr(request, name) for name in GENERATION_DEFAULT_KEYS
@@ -75,7 +78,7 @@ class ServingContext:
                 include_stop_str_in_output=request.include_stop_str_in_output,
                 skip_special_tokens=request.skip_special_tokens, presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                structured_outputs=structured_outputs)
+                structured_outputs=structured_outputs, kv_transfer_params=request.kv_transfer_params)
         except ValueError as e:
             # "SamplingParams.top_p must be in (0, 1], got 1.5": the client knows the field without our prefix
             message = str(e).removeprefix("SamplingParams.")
