@@ -33,4 +33,8 @@ step python3 -m mixquant.cli bench prefill --pairs bf16/bf16,fp8/bf16,nvfp4/bf16
   --contexts 131000 --repeats 1 --output-dir "$out/prefill-128k"
 step python3 -m mixquant.cli bench decode --pairs bf16/bf16,fp8/bf16,nvfp4/bf16 --batches $batches \
   --context 2048 --output-dir "$out/decode"
+# decode with 0%, 50%, 100% of a batch of 32 held to a JSON schema (the Qwen3-8B shape needs a tokenizer: Qwen3's)
+tokenizer=$(python3 -c "from tests.data import qwen3_tokenizer; print(qwen3_tokenizer())")
+step python3 -m mixquant.cli bench structured --pairs bf16/bf16,fp8/bf16 --batch 32 --fractions 0,0.5,1 \
+  --context 2048 --tokenizer "$tokenizer" --output-dir "$out/structured"
 exit $status

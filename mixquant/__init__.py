@@ -7,7 +7,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+source"
 
 from mixquant.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
-from mixquant.sampling_params import SamplingParams  # noqa: E402
+from mixquant.sampling_params import SamplingParams, StructuredOutputsParams  # noqa: E402
 
 
 def __getattr__(name):
@@ -19,4 +19,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob",
+           "__version__"]

@@ -10,6 +10,7 @@ SUBCOMMAND_MODULES = [
     "mixquant.entrypoints.generate",
     "mixquant.quantization.cli",
     "mixquant.server.cli",
+    "mixquant.server.proxy",
     "mixquant.eval.cli",
     "mixquant.bench.cli",
     "mixquant.fidelity.cli",

@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from mixquant.distributed.kv_transfer import KVTransferConfig
+
 Precision = Literal["bf16", "fp8", "nvfp4"]
 PRECISIONS: tuple[str, ...] = ("bf16", "fp8", "nvfp4")
 # Attention of prefill segments with nothing cached before them: SDPA in the model dtype, the FP8 Triton kernel
@@ -141,6 +143,13 @@ class EngineConfig:
     seed: int = 0
     revision: str | None = None
     prefill_attention: str = "auto"  # see PREFILL_ATTENTIONS; "auto" is resolved in __post_init__
+    # Models with recurrent layers (Qwen3.5): a prefix-cache hit resumes only where a state snapshot was saved: at
+    # the last whole block of each prompt, where a request's KV hit ended (a shared prefix's end), and every
+    # state_snapshot_interval prompt tokens if that is set (a multiple of block_size). Snapshot rows default to one
+    # per sequence slot (max_num_seqs); engine/state_slots.py.
+    state_snapshot_interval: int = 0
+    num_state_snapshots: int | None = None
+    kv_transfer_config: KVTransferConfig | None = None  # a disaggregated prefill or decode instance
 
     def __post_init__(self):
         self.device_obj = resolve_device(self.device)
@@ -161,6 +170,11 @@ class EngineConfig:
             raise ValueError("skip_tokenizer_init and tokenizer= exclude each other")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.state_snapshot_interval < 0 or self.state_snapshot_interval % self.block_size:
+            raise ValueError(f"state_snapshot_interval must be a non-negative multiple of block_size "
+                             f"({self.block_size}), got {self.state_snapshot_interval}")
+        if self.num_state_snapshots is not None and self.num_state_snapshots < 0:
+            raise ValueError(f"num_state_snapshots must be >= 0, got {self.num_state_snapshots}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.prefill_attention not in PREFILL_ATTENTIONS:
@@ -178,7 +192,7 @@ class EngineConfig:
                 raise ValueError(f"prefill_attention='fp8-cudnn' cannot run: {reason}")
         # fresh prefill segments shorter than this attend in the model dtype whatever prefill_attention says
         self.fp8_attention_min_tokens = 0
-        self.prefill_attention_auto = self.prefill_attention == "auto"
+        self.prefill_attention_requested = self.prefill_attention
         if self.prefill_attention == "auto":
             fast = self.prefill_precision == "fp8" and fp8_cudnn_unavailable_reason(self.device_obj) is None
             self.prefill_attention = "fp8-cudnn" if fast else "bf16"
@@ -187,9 +201,21 @@ class EngineConfig:
     def fp8_attention_unsupported(self, why: str):
         """The model's attention layers cannot take the FP8 prefill kernels (the runner knows them): an explicit
         FP8 choice is refused, 'auto' attends in the model dtype."""
-        if not self.prefill_attention_auto:
+        if self.prefill_attention_requested != "auto":
             raise ValueError(f"prefill_attention={self.prefill_attention!r} cannot run: {why}")
         self.prefill_attention, self.fp8_attention_min_tokens = "bf16", 0
+
+    @property
+    def prefill_only(self) -> bool:
+        """A disaggregated prefill instance (kv_role kv_producer): it never computes a decode row, so it has no
+        decode weights."""
+        return self.kv_transfer_config is not None and self.kv_transfer_config.kv_role == "kv_producer"
+
+    @property
+    def checkpoint(self) -> str:
+        """Where the weights, config.json and tokenizer come from: a prefill-only engine given a pre-quantized
+        prefill checkpoint loads that alone (no model-dtype copy of its quantized layers)."""
+        return self.prefill_model if self.prefill_only and self.prefill_model else self.model
 
     def precision(self, phase: Phase) -> str:
         return self.prefill_precision if phase is Phase.PREFILL else self.decode_precision

@@ -1,17 +1,19 @@
 """The repository stands alone: nothing it ships or tests reads a path outside the clone, and the vendored test data
-is what tests/data/README.md says it is."""
+is what tests/data/README.md says it is. The package ships what runs in production, and nothing of training/."""
 from __future__ import annotations
 
 import hashlib
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
+import setuptools
 
 from tests.data import DATA_DIR, qwen3_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKED_FOLDERS = ("mixquant", "tests", "gpu_tests", ".ci")
+CHECKED_FOLDERS = ("mixquant", "training", "tests", "gpu_tests", ".ci")
 TEXT_SUFFIXES = {".py", ".sh", ".md", ".toml", ".json", ".jinja", ".txt", ".cfg", ".yaml", ""}
 # a relative path that leaves its folder by name (such as the shared/data folder one level up)
 PARENT_BY_NAME = re.compile(r"[.][.]/[\w$]")
@@ -91,3 +93,17 @@ def test_vendored_data_matches_its_readme():
     assert len(rows) == 10
     for name, sha256 in rows:
         assert hashlib.sha256((DATA_DIR / name).read_bytes()).hexdigest() == sha256, name
+
+
+def test_the_package_ships_the_checkpoint_and_no_training_code():
+    # what `pip install .` packages, by the rules pyproject.toml gives setuptools
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = setuptools.find_packages(str(ROOT), **config["packages"]["find"])
+    assert "mixquant.tiny" in packages and all(p.split(".")[0] == "mixquant" for p in packages)
+    shipped = {f.name for pattern in config["package-data"]["mixquant.tiny"]
+               for f in (ROOT / "mixquant" / "tiny").glob(pattern)}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"} <= shipped
+    # nothing installed may need the training folder, which is not installed
+    imports = re.compile(r"^\s*(?:from|import)\s+training\b", re.M)
+    found = [str(f.relative_to(ROOT)) for f in (ROOT / "mixquant").rglob("*.py") if imports.search(f.read_text())]
+    assert (ROOT / "training" / "train.py").is_file() and not found, found

@@ -1,4 +1,4 @@
-"""`mixquant bench prefill|decode|serve`."""
+"""`mixquant bench prefill|decode|structured|serve`."""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +54,16 @@ def register(subparsers):
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.set_defaults(func=run_offline, kind="decode")
+    p = bench.add_parser("structured", help="decode tokens/s with a share of the batch held to a JSON schema")
+    _add_model_arguments(p)
+    p.set_defaults(pairs="bf16/bf16,fp8/bf16")
+    p.add_argument("--tokenizer", help="the model's tokenizer where its folder has none (a --shape has none)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--fractions", default="0,0.5,1", help="shares of the batch constrained, one run each")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.set_defaults(func=run_structured)
     try:
         from mixquant.bench.serve import add_serve_arguments, run_serve_command
     except ImportError:  # the serving benchmark is optional in a partial install
@@ -85,6 +95,21 @@ def run_offline(args) -> int:
     (out / f"{args.kind}.json").write_text(json.dumps(result, indent=2))
     plot_rows(rows, args.kind, out / f"{args.kind}.png")
     print_table(rows, ceilings)
+    return 0
+
+
+def run_structured(args) -> int:
+    from mixquant.bench import offline
+    from mixquant.bench.shapes import shape_dir
+
+    model = args.model or str(shape_dir(args.shape))
+    fractions = [float(x) for x in args.fractions.split(",") if x]
+    rows = offline.bench_structured(model, args.pairs.split(","), args.batch, fractions, args.context, args.steps,
+                                    args.tokenizer, eager=args.enforce_eager)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"device": _device_name(), "rows": [r.to_dict() for r in rows]}
+    (out / "structured.json").write_text(json.dumps(result, indent=2))
     return 0
 
 

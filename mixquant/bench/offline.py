@@ -19,7 +19,8 @@ from mixquant.bench.shapes import experts_per_token, prefill_flops
 from mixquant.config import EngineConfig
 from mixquant.engine.llm_engine import LLMEngine
 from mixquant.layers.fused_moe import GroupedExperts
-from mixquant.sampling_params import SamplingParams
+from mixquant.layers.sampler import apply_token_bitmask
+from mixquant.sampling_params import SamplingParams, StructuredOutputsParams
 from mixquant.utils.hf import load_config
 
 
@@ -88,9 +89,11 @@ def measure_ceilings() -> dict:
 
 
 def _engine(model: str, pair: str, max_len: int, batched_tokens: int, max_seqs: int, hf_overrides: dict | None,
-            eager: bool, prefill_attention: str = "auto") -> LLMEngine:
+            eager: bool, prefill_attention: str = "auto", tokenizer: str | None = None) -> LLMEngine:
+    """An engine with random weights; without a tokenizer unless one is named."""
     prefill, decode = pair.split("/")
-    return LLMEngine(EngineConfig(model=model, load_format="dummy", skip_tokenizer_init=True,
+    return LLMEngine(EngineConfig(model=model, load_format="dummy", skip_tokenizer_init=tokenizer is None,
+                                  tokenizer=tokenizer,
                                   prefill_precision=prefill, decode_precision=decode, max_model_len=max_len,
                                   max_num_batched_tokens=batched_tokens, max_num_seqs=max_seqs,
                                   enable_prefix_caching=False, hf_overrides=hf_overrides, enforce_eager=eager,
@@ -195,6 +198,8 @@ def bench_decode(model: str, pairs: list[str], batches: list[int], context: int,
         notes = memory_notes(engine)
         layout = engine.runner.kv_layout
         kv_per_token = layout.bytes_per_token()
+        pool = engine.runner.state_pool  # a recurrent state is read and written whole every step
+        state_per_sequence = 2 * pool.bytes_per_row if pool is not None else 0
         for batch in batches:
             for i in range(batch):
                 engine.add_request(f"d{i}", _random_prompt(context, engine.hf_config.vocab_size, i),
@@ -208,7 +213,7 @@ def bench_decode(model: str, pairs: list[str], batches: list[int], context: int,
             # each row reads all its positions in full-attention layers and its window's in sliding ones
             kv_read = (kv_per_token["full"] * (context + steps)
                        + kv_per_token["sliding"] * min(context + steps, layout.window or 0))
-            bytes_per_step = _decode_weight_bytes(engine, batch) + batch * kv_read
+            bytes_per_step = _decode_weight_bytes(engine, batch) + batch * (kv_read + state_per_sequence)
             rows.append(Row("decode", "mixquant", prefill, decode, context, batch, batch / t, t,
                             gbps=bytes_per_step / t / 1e9,
                             notes={**notes, "cuda_graphs": bool(engine.runner.graphs)}))
@@ -217,6 +222,71 @@ def bench_decode(model: str, pairs: list[str], batches: list[int], context: int,
         _release_memory()
     _set_ratios(rows, "decode")
     return rows
+
+
+# A JSON schema no row completes within a benchmark (10,000 strings at least): constrained rows stay constrained,
+# and the batch keeps its size, for every measured step.
+ENDLESS_JSON = {"type": "object", "required": ["notes"], "properties": {
+    "notes": {"type": "array", "minItems": 10000, "items": {"type": "string"}}}}
+
+
+def bench_structured(model: str, pairs: list[str], batch: int, fractions: list[float], context: int, steps: int,
+                     tokenizer: str | None, eager: bool = False) -> list[Row]:
+    """Decode steps of `batch` sequences of which each fraction is held to a JSON schema, per pair.
+
+    Every row of a step gets one token, so an unconstrained row's speed is 1 / step time: its loss in a mixed batch
+    is the step time's growth over the unconstrained batch's (notes['unconstrained_row_loss']). Also measured apart,
+    on the same rows: the host's bitmask fill for the constrained rows and the device's masking of the logits.
+    """
+    rows: list[Row] = []
+    for pair in pairs:
+        engine = _engine(model, pair, context + steps * 4 + 64, 16384, batch, None, eager,
+                         tokenizer=tokenizer or model)
+        baseline = None  # the step time with no row constrained
+        for fraction in fractions:
+            constrained = round(batch * fraction)
+            for i in range(batch):
+                spec = StructuredOutputsParams(json=ENDLESS_JSON) if i < constrained else None
+                engine.add_request(f"s{i}", _random_prompt(context, engine.hf_config.vocab_size, i),
+                                   SamplingParams(max_tokens=steps * 4 + 8, ignore_eos=True, structured_outputs=spec))
+            while engine.waiting_for_grammar or any(seq.num_output_tokens == 0 for seq in engine.scheduler.running
+                                                    + list(engine.scheduler.waiting)):
+                engine.step()
+            t = timed(engine.step, steps, warmup=2)
+            notes = {"constrained_rows": constrained, "step_ms": round(t * 1e3, 3), **_mask_costs(engine)}
+            for i in range(batch):
+                engine.abort_request(f"s{i}")
+            if constrained == 0:
+                baseline = t
+            mixed = baseline is not None and 0 < constrained < batch
+            notes["unconstrained_row_loss"] = round(1 - baseline / t, 4) if mixed else None
+            prefill, decode = pair.split("/")
+            rows.append(Row("structured", "mixquant", prefill, decode, context, batch, batch / t, t, notes=notes))
+            print(f"structured {pair:10} batch {batch:3d} constrained {constrained:3d}: {batch / t:9.1f} tok/s, "
+                  f"step {t * 1e3:8.2f} ms, mask fill {notes['mask_fill_ms']:7.3f} ms, apply "
+                  f"{notes['mask_apply_ms']:7.3f} ms, unconstrained-row loss {notes['unconstrained_row_loss']}",
+                  flush=True)
+        del engine
+        _release_memory()
+    return rows
+
+
+def _mask_costs(engine: LLMEngine, repeats: int = 20) -> dict:
+    """What a step's grammar work costs on the running batch: the host's bitmask fill, the device's masking."""
+    grammars = [seq.grammar for seq in engine.scheduler.running]
+    constrained = sum(grammar is not None for grammar in grammars)
+    if not constrained:
+        return {"mask_fill_ms": 0.0, "mask_fill_us_per_row": None, "mask_apply_ms": 0.0}
+    fills = []
+    for _ in range(repeats):  # filling does not advance the grammars: each repeat fills the same masks
+        start = time.perf_counter()
+        bitmask = engine.structured_output.fill_bitmask(grammars)
+        fills.append(time.perf_counter() - start)
+    fill = statistics.median(fills)
+    logits = torch.randn(len(grammars), engine.hf_config.vocab_size, device=engine.config.device_obj)
+    apply = timed(lambda: apply_token_bitmask(logits, bitmask), repeats)
+    return {"mask_fill_ms": round(fill * 1e3, 3), "mask_fill_us_per_row": round(fill / constrained * 1e6, 1),
+            "mask_apply_ms": round(apply * 1e3, 3)}
 
 
 def _nbytes(tensors) -> int:

@@ -17,6 +17,18 @@ SHAPES = {
                           num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
                           max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
                           tie_word_embeddings=False, torch_dtype="bfloat16"),
+    # Qwen3.5-9B's text decoder (the hub checkpoint is Qwen3_5ForConditionalGeneration; its vision tower is not
+    # served): 24 Gated DeltaNet layers and 8 gated full-attention layers, every 4th
+    "qwen3.5-9b": dict(architectures=["Qwen3_5ForCausalLM"], model_type="qwen3_5_text", hidden_size=4096,
+                       intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=4,
+                       head_dim=256, vocab_size=248320, max_position_embeddings=262144, rms_norm_eps=1e-6,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
+                                        "partial_rotary_factor": 0.25, "mrope_section": [11, 11, 10],
+                                        "mrope_interleaved": True},
+                       linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+                       linear_num_key_heads=16, linear_num_value_heads=32,
+                       layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 8,
+                       tie_word_embeddings=False, torch_dtype="bfloat16"),
     # google/gemma-4-31B-it's text config as third-party copies of its config.json give it (not checked against the
     # hub): layers 5 sliding (16 KV heads of 256, window 1,024) to 1 full (4 KV heads of 512, K = V); text only
     "gemma4-31b": dict(architectures=["Gemma4ForCausalLM"], model_type="gemma4_text", hidden_size=5376,
@@ -48,6 +60,10 @@ def shape_dir(name: str) -> Path:
     return path
 
 
+def _layer_types(config) -> list[str]:
+    return list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+
+
 def is_sparse_layer(config, index: int) -> bool:
     """Whether layer `index` of a MoE config has experts (Qwen3-MoE's rule, Gemma 4's enable_moe_block; dense
     configs have none)."""
@@ -61,8 +77,9 @@ def experts_per_token(config) -> int:
     return getattr(config, "num_experts_per_tok", None) or config.top_k_experts
 
 
-def attention_geometry(config) -> list[tuple[int, int, bool, int | None]]:
-    """(KV heads, head_dim, K = V, window) of each layer: Gemma 4's by layer type, one for every layer otherwise."""
+def _attention_geometry(config) -> list[tuple[int, int, bool, int | None]]:
+    """(KV heads, head_dim, K = V, window) of each layer's attention: Gemma 4's by layer type, the same for every
+    layer otherwise."""
     if config.model_type == "gemma4_text":
         from mixquant.models.gemma4 import layer_specs
 
@@ -71,29 +88,51 @@ def attention_geometry(config) -> list[tuple[int, int, bool, int | None]]:
     return [(config.num_key_value_heads, d, False, None)] * config.num_hidden_layers
 
 
+def _mlp_params(config, index: int) -> int:
+    """The dense MLP, or the router, the top-k experts a token is routed to and a shared expert if there is one;
+    Gemma 4's MoE layers have the dense MLP beside the experts."""
+    h = config.hidden_size
+    dense = 3 * h * config.intermediate_size
+    if not is_sparse_layer(config, index):
+        return dense
+    shared = getattr(config, "shared_expert_intermediate_size", 0)
+    return (h * config.num_experts + experts_per_token(config) * 3 * h * config.moe_intermediate_size
+            + (3 * h * shared + h if shared else 0) + (dense if getattr(config, "enable_moe_block", False) else 0))
+
+
 def linear_params(config) -> int:
-    """Weights one token's decoder linear layers multiply by: attention, and the dense MLP and/or the router plus
-    the top-k experts it is routed to (Gemma 4's MoE layers have both)."""
+    """Weights one token's decoder linear layers multiply by (prefill_flops adds the head). Qwen3.5's full-attention
+    layers project a query and an output gate per head; its Gated DeltaNet layers project q, k, v, z, b, a and out;
+    Gemma 4's layers have their own geometry by kind, and its K = V layers no v_proj."""
     h, heads = config.hidden_size, config.num_attention_heads
+    types = _layer_types(config)
+    hybrid = "linear_attention" in types
     total = 0
-    for index, (kv, d, k_eq_v, _) in enumerate(attention_geometry(config)):
-        total += h * (heads + (1 if k_eq_v else 2) * kv) * d + heads * d * h
-        dense = 3 * h * config.intermediate_size
-        if is_sparse_layer(config, index):
-            experts = h * config.num_experts + experts_per_token(config) * 3 * h * config.moe_intermediate_size
-            total += experts + (dense if getattr(config, "enable_moe_block", False) else 0)
+    for index, (kind, (kv, d, k_eq_v, _)) in enumerate(zip(types, _attention_geometry(config))):
+        if kind == "linear_attention":
+            keys = config.linear_num_key_heads * config.linear_key_head_dim
+            values = config.linear_num_value_heads * config.linear_value_head_dim
+            total += h * (2 * keys + 2 * values + 2 * config.linear_num_value_heads) + values * h
         else:
-            total += dense
+            total += h * ((2 if hybrid else 1) * heads + (1 if k_eq_v else 2) * kv) * d + heads * d * h
+        total += _mlp_params(config, index)
     return total
 
 
 def prefill_flops(config, tokens: int) -> float:
-    """Linear layers for every token, the head for the last one, and causal attention (QK^T and PV): over all
-    earlier keys, or the last `window` of them in a sliding-window layer."""
+    """Linear layers for every token, the head for the last one, causal attention (QK^T and PV) over all earlier keys
+    or a sliding window's, and for Gated DeltaNet layers the recurrence counted per token (state decay, its read by
+    k and by q, the delta write: about 6 multiply-adds per state element; the chunked form spends some more)."""
     heads = config.num_attention_heads
+    types = _layer_types(config)
     attention = 0.0
-    for _, d, _, window in attention_geometry(config):
-        span = tokens if window is None else min(window, tokens)
-        pairs = span * (span + 1) / 2 + (tokens - span) * span  # sum over positions p of min(p + 1, span)
-        attention += 2 * 2 * heads * d * pairs
-    return 2 * linear_params(config) * tokens + 2 * config.hidden_size * config.vocab_size + attention
+    for kind, (_, d, _, window) in zip(types, _attention_geometry(config)):
+        if kind != "linear_attention":
+            span = tokens if window is None else min(window, tokens)
+            pairs = span * (span + 1) / 2 + (tokens - span) * span  # sum over positions p of min(p + 1, span)
+            attention += 2 * 2 * heads * d * pairs
+    recurrence = 0.0
+    if "linear_attention" in types:
+        state = config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim
+        recurrence = 2 * 6 * state * tokens * types.count("linear_attention")
+    return 2 * linear_params(config) * tokens + 2 * config.hidden_size * config.vocab_size + attention + recurrence

@@ -2,7 +2,9 @@
 
 Each sequence's scheduled tokens are cut at its phase boundary (the last prompt token) into a prefill segment
 and a decode segment, and the step's rows are laid out [all prefill segments | all decode segments]. Linear
-layers route the two row ranges to their phase's method; attention sees one segment list either way.
+layers route the two row ranges to their phase's method; attention sees one segment list either way. Models with
+recurrent layers (Qwen3.5's Gated DeltaNet) also get the state slot of each segment's sequence (StateSegments) and
+keep their state in a StatePool beside the KV cache.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from mixquant.engine.kv_cache import KVCacheLayout, KVCacheTensor
 from mixquant.engine.prefill_graphs import PrefillGraphs, prefill_buckets
 from mixquant.engine.scheduler import ScheduledBatch
 from mixquant.engine.sequence import Sequence
+from mixquant.engine.state_slots import StatePool
 from mixquant.layers.attention import first_window_block
 from mixquant.models import loader
-from mixquant.utils.context import AttentionSegment, ForwardContext, forward_context
+from mixquant.utils.context import AttentionSegment, ForwardContext, StateSegments, forward_context
 from mixquant.utils.hf import iterate_tensors, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -75,12 +78,16 @@ class ModelRunner:
         self.kv_layout = KVCacheLayout(self.model.attention_layers(), self.block_size, dtype)
         if config.prefill_attention != "bf16":
             self._check_fp8_prefill_attention()
+        self.state_pool = self._allocate_state_pool()
+        checkpoint = resolve_model_path(config.checkpoint, config.revision)
+        prequantized = None
         if config.load_format == "dummy":
             loader.init_dummy_weights(self.model, config.seed)
+        elif config.prefill_only and config.prefill_model:
+            prequantized = loader.load_prefill_checkpoint(self.model, checkpoint, self.device)
         else:
-            loader.load_weights(self.model, iterate_tensors(resolve_model_path(config.model, config.revision)))
-        prequantized = None
-        if config.prefill_model:
+            loader.load_weights(self.model, iterate_tensors(checkpoint))
+        if config.prefill_model and prequantized is None:
             prequantized = loader.read_prequantized(
                 self.model, resolve_model_path(config.prefill_model, config.revision), self.device)
         loader.assign_methods(self.model, config, dtype, prequantized)
@@ -96,17 +103,22 @@ class ModelRunner:
             except RuntimeError as e:  # an op that cannot be captured: run decode eagerly rather than not at all
                 self.graphs = {}
                 logger.warning("decode CUDA graphs disabled, capture failed: %s", e)
-            try:
-                self.prefill_graphs = PrefillGraphs(
-                    self.model, prefill_buckets(config.max_num_batched_tokens), self.scratch_block * self.block_size,
-                    self.device, dtype, capture=True)
-            except RuntimeError as e:
-                self.prefill_graphs = None
-                logger.warning("prefill CUDA graphs disabled, capture failed: %s", e)
+            unsupported = PrefillGraphs.unsupported_reason(self.model)
+            if unsupported:
+                logger.info("prefill CUDA graphs off: %s", unsupported)
+            else:
+                try:
+                    self.prefill_graphs = PrefillGraphs(
+                        self.model, prefill_buckets(config.max_num_batched_tokens),
+                        self.scratch_block * self.block_size, self.device, dtype, capture=True)
+                except RuntimeError as e:
+                    self.prefill_graphs = None
+                    logger.warning("prefill CUDA graphs disabled, capture failed: %s", e)
 
     def _check_fp8_prefill_attention(self):
         """The FP8 prefill kernels' limits (both take head_dim 64 or 128, full causal attention), said at startup
-        rather than at the first long prompt; 'auto' falls back to the model dtype where they do not fit."""
+        rather than at the first long prompt. Where "auto" chose them, a model outside the limits attends in the
+        model dtype instead (EngineConfig.fp8_attention_unsupported)."""
         from mixquant.kernels.fp8_attention import HEAD_DIMS
 
         misfits = sorted({(layer.head_dim, layer.window) for layer in self.model.attention_layers()
@@ -116,12 +128,38 @@ class ModelRunner:
         why = (f"it needs head_dim in {HEAD_DIMS}, no sliding window and a 16-bit dtype; this model has "
                f"(head_dim, window) {misfits or 'fine'}, dtype {self.dtype}")
         self.config.fp8_attention_unsupported(why)
-        logger.info("FP8 prefill attention off (prefill_attention='auto'): %s", why)
+        logger.info("prefill attention in the model dtype: %s", why)
 
     def _prefill_attention(self) -> dict:
         """The ForwardContext fields that say which prefill segments attend in FP8 (EngineConfig decides)."""
         return dict(prefill_attention=self.config.prefill_attention,
                     fp8_attention_min_tokens=self.config.fp8_attention_min_tokens)
+
+    # ---- recurrent state --------------------------------------------------------------------------------------
+
+    def _allocate_state_pool(self) -> StatePool | None:
+        """A state slot per sequence the scheduler may run, and prefix-cache snapshots, for the model's recurrent
+        layers; allocated before the KV cache, which gets what memory is left."""
+        layers = self.model.state_layers()
+        if not layers:
+            return None
+        config = self.config
+        snapshots = 0
+        if config.enable_prefix_caching:
+            snapshots = config.max_num_seqs if config.num_state_snapshots is None else config.num_state_snapshots
+        pool = StatePool(layers, config.max_num_seqs, snapshots, self.dtype, self.device)
+        logger.info("%d recurrent layers: %s; %s", len(layers), layers[0].kernel_path(self.device), pool.describe())
+        return pool
+
+    def _state_segments(self, segments: list[Segment], row_starts: list[int], rows: int) -> StateSegments | None:
+        if self.state_pool is None:
+            return None
+        bounds = row_starts + [rows]
+        return StateSegments(
+            torch.tensor([seg.seq.state_slot for seg in segments], dtype=torch.long, device=self.device),
+            torch.tensor([seg.start > 0 for seg in segments], device=self.device), bounds,
+            torch.tensor(bounds, dtype=torch.long, device=self.device),
+            sum(seg.phase is Phase.PREFILL for seg in segments))
 
     # ---- KV cache -------------------------------------------------------------------------------------------
 
@@ -150,9 +188,9 @@ class ModelRunner:
         logger.info("KV cache: %d units; %s", num_blocks, self.kv_layout.describe())
         return num_blocks
 
-    def kv_cache_tensors(self) -> list[KVCacheTensor]:
+    def kv_cache_layers(self) -> list[KVCacheTensor]:
         """Every attention layer's K and V cache, [units, block_size, kv_heads, head_dim] views into the pool, with
-        the cache group whose tables index it (engine/kv_cache.py): what a KV connector reads and writes."""
+        the cache group whose tables index it (engine/kv_cache.py)."""
         return self.kv_layout.tensors()
 
     def _gpu_kv_budget(self) -> int:
@@ -175,11 +213,17 @@ class ModelRunner:
     def _probe_forward(self, num_tokens: int):
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
+        state = None
+        if self.state_pool is not None:  # one fresh sequence in the first slot
+            state = StateSegments(torch.zeros(1, dtype=torch.long, device=self.device),
+                                  torch.zeros(1, dtype=torch.bool, device=self.device), [0, num_tokens],
+                                  torch.tensor([0, num_tokens], device=self.device), 1)
         table = torch.arange(-(-num_tokens // self.block_size), device=self.device)
 
         def probe_context() -> ForwardContext:  # every group's rows write and read the same scratch units
             return ForwardContext(num_prefill_rows=num_tokens, slot_mapping=positions,
-                                  segments=[AttentionSegment(0, num_tokens, 0, table)], **self._prefill_attention())
+                                  segments=[AttentionSegment(0, num_tokens, 0, table)], state=state,
+                                  **self._prefill_attention())
 
         ctx = probe_context()
         ctx.kv_groups = [probe_context() for _ in self.kv_layout.groups[1:]]
@@ -188,12 +232,23 @@ class ModelRunner:
             self.model.compute_logits(hidden[-self.config.max_num_seqs:])
         torch.cuda.synchronize()
 
+    def kv_cache_tensors(self) -> list[torch.Tensor]:
+        """The tensors that hold the KV cache, as a KV connector registers them with its transport: the pool."""
+        return [self.kv_cache]
+
+    def kv_block_planes(self) -> list[torch.Tensor]:
+        """Views [blocks, ...] into kv_cache_tensors() in which each block is one contiguous run of bytes (K, then V,
+        of each layer): a KV connector moves a block as one run per plane, the same block id in every plane. A unit
+        of the pool holds a block of every layer in one run, so the pool is the one plane (a model with one cache
+        group: check_block_transfer)."""
+        return [self.kv_cache]
+
     def check_block_transfer(self):
         """read_kv_blocks / write_kv_blocks move one cache group's blocks: models with sliding-window layers have
         more."""
         if len(self.kv_layout.groups) > 1:
             raise ValueError("moving a request's KV block by block needs one cache group; this model's sliding-window "
-                             "layers keep theirs in other units (engine/kv_cache.py, kv_cache_tensors)")
+                             "layers keep theirs in other units (engine/kv_cache.py, kv_cache_layers)")
 
     def _blocks_view(self) -> torch.Tensor:
         """The pool as [2, layers, units, block_size, kv_heads, head_dim], for a model with one cache group."""
@@ -270,7 +325,8 @@ class ModelRunner:
                                      torch.tensor(seg.seq.block_table, device=dev))
                     for start, seg in zip(row_starts[:tail], ordered[:tail])]
         ctx = ForwardContext(num_prefill, slot_mapping, segments=segments or None, block_tables=tables,
-                             context_lens=lens, **self._prefill_attention())
+                             context_lens=lens, state=self._state_segments(ordered, row_starts, row),
+                             **self._prefill_attention())
         if self.kv_layout.window_units:
             ctx.kv_groups = self._window_contexts(ordered, starts, ends, row_starts, tail, num_prefill, lens)
         return StepInputs(torch.from_numpy(np.array(input_ids, dtype=np.int64)).to(dev),
@@ -315,6 +371,8 @@ class ModelRunner:
         """Block tables padded to one width, and context lengths, of single-token decode segments.
 
         int32, as the decode graphs' inputs: the paged decode kernel beside a prefill then runs the variant those
+        if self.config.prefill_only:  # it runs no decode step
+            return
         graphs compiled at start-up, where int64 tables made Triton compile another in the middle of serving."""
         width = max(len(seg.seq.block_table) for seg in segments)
         tables = np.array([seg.seq.block_table + [0] * (width - len(seg.seq.block_table)) for seg in segments],
@@ -380,12 +438,21 @@ class ModelRunner:
             "window_block_tables": torch.full((groups, max_rows, self.kv_layout.window_table_width() if groups else 1),
                                               self.scratch_block, dtype=torch.int32, device=dev),
         }
+        if self.state_pool is not None:  # padded rows run in the scratch slot
+            self.graph_inputs.update(
+                state_slots=torch.full((max_rows,), self.state_pool.scratch_slot, dtype=torch.long, device=dev),
+                state_resume=torch.zeros(max_rows, dtype=torch.bool, device=dev),
+                state_bounds=torch.arange(max_rows + 1, device=dev))
         self.graph_outputs: dict[int, torch.Tensor] = {}
         pool = None
         for rows in reversed(sizes):
             g = self.graph_inputs
+            state = None
+            if self.state_pool is not None:  # one row per sequence, as in every decode-only step
+                state = StateSegments(g["state_slots"][:rows], g["state_resume"][:rows], list(range(rows + 1)),
+                                      g["state_bounds"][:rows + 1], 0)
             ctx = ForwardContext(0, g["slot_mapping"][:rows], block_tables=g["block_tables"][:rows],
-                                 context_lens=g["context_lens"][:rows])
+                                 context_lens=g["context_lens"][:rows], state=state)
             ctx.kv_groups = [ForwardContext(0, g["window_slot_mapping"][j, :rows],
                                             block_tables=g["window_block_tables"][j, :rows],
                                             context_lens=g["context_lens"][:rows]) for j in range(groups)]
@@ -417,6 +484,10 @@ class ModelRunner:
             g["window_slot_mapping"][j, rows:size] = self.scratch_block * self.block_size
             g["window_block_tables"][j, :rows, :group.block_tables.shape[1]] = group.block_tables
             g["window_block_tables"][j, rows:size, 0] = self.scratch_block
+        if ctx.state is not None:
+            g["state_slots"][:rows] = ctx.state.slots
+            g["state_slots"][rows:size] = self.state_pool.scratch_slot
+            g["state_resume"][:rows] = ctx.state.resume
         self.graphs[size].replay()
         return self.graph_outputs[size][:rows]
 

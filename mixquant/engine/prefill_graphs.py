@@ -50,6 +50,18 @@ class PrefillGraphs:
         if capture:
             self._capture_all()
 
+    @staticmethod
+    def unsupported_reason(model) -> str | None:
+        """Why these pieces cannot cover `model`, if they cannot: each stretch between two attentions is a piece, so
+        every layer must split around its attention (DecoderLayer.before_attention / after_attention). Qwen3.5's
+        Gated DeltaNet layers have no attention; their conv and state update, whose work follows the batch's
+        sequences as attention's does, would have to run eagerly between pieces too."""
+        layers = [layer for layer in model.model.layers if not hasattr(layer, "before_attention")]
+        if layers:
+            return (f"{len(layers)} of {len(model.model.layers)} layers are not split around an attention "
+                    f"({type(layers[0]).__name__}); their prefill runs eagerly")
+        return None
+
     def bucket(self, rows: int) -> int | None:
         return next((b for b in self.buckets if b >= rows), None)
 

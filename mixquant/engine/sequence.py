@@ -5,15 +5,22 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import TYPE_CHECKING
 
 import torch
 
+from mixquant.config import phase_boundary
+from mixquant.distributed.kv_transfer import RemotePrefill
 from mixquant.outputs import PositionLogprobs
 from mixquant.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from mixquant.structured_output import SequenceGrammar
 
 
 class SequenceStatus(Enum):
     WAITING = auto()
+    WAITING_FOR_REMOTE_KV = auto()  # admitted, its blocks being read from a prefill instance
     RUNNING = auto()
     FINISHED = auto()
 
@@ -37,6 +44,7 @@ class Sequence:
     # engine/block_manager.py); empty for models without such layers
     window_table: list[tuple[int, ...] | None] = field(default_factory=list)
     num_hashed_blocks: int = 0
+    state_slot: int | None = None  # recurrent-state slot (models with Gated DeltaNet layers; engine/state_slots.py)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     logprobs: list[PositionLogprobs] | None = None
     cumulative_logprob: float = 0.0
@@ -47,8 +55,11 @@ class Sequence:
     first_scheduled_time: float | None = None  # first admitted to a step (its first tokens computed then)
     first_token_time: float | None = None
     num_preemptions: int = 0
-    num_imported_blocks: int = 0  # leading blocks whose KV came from another engine (export_kv)
+    num_imported_tokens: int = 0  # leading positions whose KV came from another engine (a prefill instance)
     imported_kv_precision: str = ""
+    grammar: SequenceGrammar | None = None  # set once the request's structured-output grammar has compiled
+    remote_decode: bool = False  # on a prefill instance: compute the prompt's KV for a decode instance, sample nothing
+    remote_prefill: RemotePrefill | None = None  # on a decode instance: the prompt's KV is to be read from there
 
     def __post_init__(self):
         self.num_prompt_tokens = len(self.token_ids)
@@ -74,5 +85,10 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     @property
+    def num_target_tokens(self) -> int:
+        """Positions this engine computes KV for: all, or for a decode instance every prompt token but the last."""
+        return phase_boundary(self.num_prompt_tokens) if self.remote_decode else self.num_tokens
+
+    @property
     def num_uncomputed_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        return self.num_target_tokens - self.num_computed_tokens

@@ -1,6 +1,8 @@
 """`mixquant generate`: one completion from the command line."""
 from __future__ import annotations
 
+import sys
+
 from mixquant import tiny
 from mixquant.config import PRECISIONS
 
@@ -30,9 +32,27 @@ def register(subparsers):
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    template = p.add_mutually_exclusive_group()
+    template.add_argument("--raw", action="store_true",
+                          help="complete the prompt text as it is (default: wrap it in the model's chat template "
+                               "as one user message when the tokenizer has a template and the prompt holds none "
+                               "of its special tokens)")
+    template.add_argument("--chat", action="store_true",
+                          help="always wrap the prompt in the chat template; an error if the tokenizer has none")
     add_engine_arguments(p)
     p.set_defaults(func=run)
+
+
+def uses_chat_template(args, tokenizer) -> bool:
+    """As `vllm chat` and `LLM.chat` users expect of a chat model, unless --raw, or the prompt is already
+    formatted (it holds a special token such as <|im_start|>)."""
+    if args.raw:
+        return False
+    if not tokenizer.chat_template:
+        if args.chat:
+            raise ValueError(f"--chat: the tokenizer of {args.tokenizer or args.model} has no chat template")
+        return False
+    return args.chat or not any(token in args.prompt for token in tokenizer.all_special_tokens)
 
 
 def run(args) -> int:
@@ -40,7 +60,12 @@ def run(args) -> int:
 
     llm = LLM(args.model, **engine_kwargs(args))
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
-    if args.chat:
+    try:
+        chat = uses_chat_template(args, llm.get_tokenizer())
+    except ValueError as error:
+        print(f"mixquant generate: {error}", file=sys.stderr)
+        return 2
+    if chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
     else:
         out = llm.generate(args.prompt, params, use_tqdm=False)

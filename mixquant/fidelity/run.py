@@ -52,6 +52,11 @@ BUCKET_NAMES = [name for _, _, name in BUCKETS]
 ALL = "all"
 
 
+def is_task(group: str) -> bool:
+    """A task's own group ('retrieval'), not 'all', a length bucket or a task's length bucket ('retrieval <512')."""
+    return group != ALL and group not in BUCKET_NAMES and " " not in group
+
+
 class FidelityInputError(ValueError):
     """Input the user can fix (a pair, a prompts file); reported as one line, before any model loads."""
 
@@ -73,6 +78,7 @@ class PromptResult:
     top1_agreement: float
     first_divergence: int
     correct: bool | None  # None: the prompt has no gold answer
+    cut_off: bool  # graded, and the token limit ended the generation before the answer
 
 
 @dataclass
@@ -87,6 +93,12 @@ class Stats:
     accuracy: float | None = None
     accuracy_n: int = 0
     accuracy_ci95: tuple[float, float] | None = None
+    accuracy_cut_off: int = 0  # graded generations that the token limit ended before the answer
+
+    @property
+    def mostly_cut_off(self) -> bool:
+        """Most graded generations ended at the limit: the accuracy measures the limit, not the pair."""
+        return self.accuracy_cut_off * 2 > self.accuracy_n
 
 
 @dataclass
@@ -110,7 +122,7 @@ class FidelityResult:
     @property
     def plotted_groups(self) -> list[str]:
         """One bar series each: the tasks when prompts carry one, else the length buckets."""
-        tasks = [g for g in self.groups if g != ALL and g not in BUCKET_NAMES and " " not in g]
+        tasks = [g for g in self.groups if is_task(g)]
         return tasks or [g for g in self.groups if g in BUCKET_NAMES] or [ALL]
 
 
@@ -221,11 +233,12 @@ def run_fidelity(model: str, pairs: list[str], rows: list[dict], max_tokens: int
         outputs = [o.outputs[0] for o in llm.generate([s.prompt_ids for s in samples], greedy, use_tqdm=False)]
         records = []
         for sample, out, tokens, ref in zip(samples, outputs, reference_tokens, reference_scores):
+            correct = None if sample.answer is None else is_correct(out.text, sample.answer)
             scores = llm.engine.teacher_forced_logprobs(sample.prompt_ids, tokens).cpu()
             records.append(PromptResult(
                 prompt_tokens=len(sample.prompt_ids), task=sample.task, kl=kl_divergence(ref, scores).tolist(),
                 top1_agreement=top1_agreement(ref, scores), first_divergence=first_divergence(tokens, out.token_ids),
-                correct=None if sample.answer is None else is_correct(out.text, sample.answer)))
+                correct=correct, cut_off=correct is False and out.finish_reason == "length"))
         result.pairs[pair] = summarize(records)
         del llm, outputs
         gc.collect()
@@ -266,6 +279,7 @@ def bucket_stats(records: list[PromptResult]) -> Stats:
     if graded:
         stats.accuracy, stats.accuracy_n = sum(graded) / len(graded), len(graded)
         stats.accuracy_ci95 = wilson_interval(sum(graded), len(graded))
+        stats.accuracy_cut_off = sum(r.cut_off for r in records)
     return stats
 
 
@@ -280,21 +294,36 @@ def markdown(result: FidelityResult) -> str:
                 continue
             acc = "-" if s.accuracy is None else \
                 f"{s.accuracy:.2f} ({s.accuracy_ci95[0]:.2f}-{s.accuracy_ci95[1]:.2f}, n={s.accuracy_n})"
+            if s.mostly_cut_off:
+                acc += f" **{s.accuracy_cut_off} cut off**"
             lines.append(f"| {pair} | {group} | {s.n} | {s.kl_mean:.3g} | {s.kl_p99:.3g} | "
                          f"{s.top1_agreement:.3f} | {s.first_divergence_mean:.1f} | {acc} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + [f"**Warning:** {w}" for w in cut_off_warnings(result)]).rstrip()
 
 
-def plot(result: FidelityResult, path: Path):
+def cut_off_warnings(result: FidelityResult) -> list[str]:
+    """One line for each pair and task (or all prompts) where most graded generations ended at the token limit
+    before their answer: that accuracy is the limit's, not the pair's."""
+    warnings = []
+    for pair, groups in result.pairs.items():
+        for group, s in groups.items():
+            if s.mostly_cut_off and (group == ALL or is_task(group)):
+                warnings.append(f"{pair} {group}: {s.accuracy_cut_off} of {s.accuracy_n} graded generations reached "
+                                f"the {result.max_tokens}-token limit before an answer; raise --max-tokens")
+    return warnings
+
+
+def figure(result: FidelityResult):
     """Two panels of bars, one series per task (or per length bucket when prompts name no task): mean KL, and
-    accuracy (with its 95% interval) where the prompts have gold answers, else top-1 agreement."""
+    accuracy (with its 95% interval) where the prompts have gold answers, else top-1 agreement. The series share
+    one legend below the panels: inside either one it would cover bars that reach the top."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pairs, series = list(result.pairs), result.plotted_groups
-    fig, (ax_kl, ax_right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_kl, ax_right) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
     width = 0.8 / len(series)
     for j, group in enumerate(series):
         xs = [i + j * width for i in range(len(pairs)) if group in result.pairs[pairs[i]]]
@@ -304,19 +333,25 @@ def plot(result: FidelityResult, path: Path):
             graded = [(x, s) for x, s in zip(xs, stats) if s.accuracy is not None]
             errors = [[s.accuracy - s.accuracy_ci95[0] for _, s in graded],
                       [s.accuracy_ci95[1] - s.accuracy for _, s in graded]]
-            ax_right.bar([x for x, _ in graded], [s.accuracy for _, s in graded], width, yerr=errors, capsize=3,
-                         label=group)
+            ax_right.bar([x for x, _ in graded], [s.accuracy for _, s in graded], width, yerr=errors, capsize=3)
         else:
-            ax_right.bar(xs, [s.top1_agreement for s in stats], width, label=group)
+            ax_right.bar(xs, [s.top1_agreement for s in stats], width)
     titles = ("mean KL to bf16/bf16 (teacher-forced)",
               "accuracy (95% Wilson interval)" if result.has_accuracy else "top-1 agreement with bf16/bf16")
     for ax, title in zip((ax_kl, ax_right), titles):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(pairs))], pairs)
         ax.set_title(title)
-        ax.legend(title="task" if series[0] not in BUCKET_NAMES + [ALL] else "prompt tokens")
     ax_right.set_ylim(0, 1.05)
+    fig.legend(*ax_kl.get_legend_handles_labels(), loc="outside lower center", ncols=len(series),
+               title="task" if series[0] not in BUCKET_NAMES + [ALL] else "prompt tokens")
     fig.suptitle(result.model)
-    fig.tight_layout()
+    return fig
+
+
+def plot(result: FidelityResult, path: Path):
+    import matplotlib.pyplot as plt
+
+    fig = figure(result)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -9,15 +9,17 @@ from mixquant.layers.layernorm import RMSNorm, rms_norm
 
 
 def rope_inverse_frequencies(config, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
-    """layer_type: the kind of layer whose parameters to use, where config.rope_parameters is keyed by it (Gemma 4:
-    sliding_attention / full_attention)."""
+    """Frequencies for the rotated dims: all of a head, or its leading partial_rotary_factor share (Qwen3.5: 64 of
+    256; the other types' tables read the factor from the config themselves). layer_type: the kind of layer whose
+    parameters to use, where config.rope_parameters is keyed by it (Gemma 4: sliding_attention / full_attention)."""
     params = getattr(config, "rope_parameters", None) or {}
     if layer_type is not None:
         params = params[layer_type]
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
         raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, linear, yarn, llama3, "
                          "proportional)")
@@ -43,7 +45,15 @@ class RotaryEmbedding(nn.Module):
                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
         """q: [rows, heads, head_dim], k: [rows, kv_heads, head_dim]; rotate-half layout, as Hugging Face models.
 
-        With Qwen3's per-head QK-norm, pass its two norms: they run in the same pass as the rotation."""
+        With Qwen3's per-head QK-norm, pass its two norms: they run in the same pass as the rotation. A table
+        narrower than the heads (partial rotary) rotates their leading dims; the rest pass through."""
+        rotary_dim = self.cos.shape[-1]
+        if q_norm is not None and (q_norm.unit_offset or rotary_dim < q.shape[-1]):
+            # norms the fused pass does not do (its form is the plain one, its rows whole heads) run first
+            q, k, q_norm, k_norm = q_norm(q), k_norm(k), None, None
+        if rotary_dim < q.shape[-1]:
+            q_rot, k_rot = apply_rotary(q[..., :rotary_dim], k[..., :rotary_dim], self.cos, self.sin, positions)
+            return torch.cat([q_rot, q[..., rotary_dim:]], dim=-1), torch.cat([k_rot, k[..., rotary_dim:]], dim=-1)
         if q_norm is None:
             return apply_rotary(q, k, self.cos, self.sin, positions)
         return apply_rotary(q, k, self.cos, self.sin, positions, q_norm.weight, k_norm.weight, q_norm.eps)

@@ -1,6 +1,8 @@
-"""Turns next-token logits into tokens: penalties, min_tokens, temperature, top-k, top-p, min-p, seeded sampling.
+"""Turns next-token logits into tokens: grammar masks, penalties, min_tokens, temperature, top-k, top-p, min-p,
+seeded sampling.
 
-Logprobs are those of the model's own distribution (vLLM's default "raw" logprobs), before any processing.
+Logprobs are those of the model's own distribution (vLLM's default "raw" logprobs), before any processing but the
+grammar's token mask (applied first, as vLLM applies its bitmask before its sampler).
 """
 from __future__ import annotations
 
@@ -9,6 +11,22 @@ from dataclasses import dataclass
 import torch
 
 from mixquant.engine.sequence import Sequence
+
+
+@dataclass
+class TokenBitmask:
+    """Allowed tokens of some rows of a batch: bit j of bits[row, j // 32] (int32) allows token j in that row."""
+    rows: list[int]  # the rows the bitmask holds (the others' bits are left as they were)
+    bits: torch.Tensor  # [>= batch, ceil(vocab / 32)] on the host
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: TokenBitmask):
+    """Sets every token the bitmask disallows to -inf, in place, in the bitmask's rows only (xgrammar's kernel: a
+    Triton one on a GPU)."""
+    import xgrammar as xgr
+
+    xgr.apply_token_bitmask_inplace(logits, bitmask.bits.to(logits.device, non_blocking=True),
+                                    vocab_size=logits.shape[-1], indices=bitmask.rows)
 
 
 @dataclass
@@ -52,8 +70,10 @@ def _filter(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[set[int]],
-           default_generator: torch.Generator) -> SampleOutput:
+           default_generator: torch.Generator, bitmask: TokenBitmask | None = None) -> SampleOutput:
     logits = logits.float()
+    if bitmask is not None:
+        apply_token_bitmask(logits, bitmask)
     want_logprobs = any(s.params.logprobs is not None for s in seqs)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     logits = logits.clone()

@@ -2,7 +2,9 @@
 
 They differ only in switches read from config.json: Qwen3 normalises q and k per head (QK-norm), Qwen2 has
 q/k/v biases, Llama neither. A family with another MLP per layer (the experts of Qwen3-MoE, models/qwen3_moe.py)
-overrides `CausalLM.make_mlp`.
+overrides `CausalLM.make_mlp`; one with other layers (Qwen3.5's Gated DeltaNet and gated attention,
+models/qwen3_5.py) overrides `CausalLM.make_layer`; one whose whole stack differs (Gemma 4, models/gemma4.py)
+`CausalLM.make_model`.
 """
 from __future__ import annotations
 
@@ -50,10 +52,10 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config, prefix: str, activation: str | None = None):
+    def __init__(self, config, prefix: str, intermediate_size: int | None = None, activation: str | None = None):
         """activation: the gate's (layers.activation.GATED_ACTIVATIONS), config.hidden_act unless given."""
         super().__init__()
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         self.activation = check_activation(activation or config.hidden_act)
         self.gate_up_proj = Linear(config.hidden_size, [inter, inter], False, f"{prefix}.gate_up_proj",
                                    shard_names=["gate_proj", "up_proj"])
@@ -67,7 +69,7 @@ class MLP(nn.Module):
         return self.down_proj(self.gate_up_proj(x), activation=self.activation)
 
 
-MakeMLP = Callable[[object, int, str], nn.Module]  # (config, layer index, prefix) -> the layer's MLP
+MakeLayer = Callable[[object, int, str, RotaryEmbedding], nn.Module]  # (config, layer index, prefix, rotary)
 
 
 class DecoderLayer(nn.Module):
@@ -102,16 +104,14 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config, qk_norm: bool, qkv_bias: bool, max_position: int, make_mlp: MakeMLP):
+    def __init__(self, config, max_position: int, make_layer: MakeLayer, unit_offset_norm: bool = False):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary_emb = RotaryEmbedding(config, head_dim, max_position)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, f"model.layers.{i}", qk_norm, qkv_bias, rotary_emb,
-                         make_mlp(config, i, f"model.layers.{i}.mlp"))
-            for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(make_layer(config, i, f"model.layers.{i}", rotary_emb)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset_norm)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
@@ -129,6 +129,7 @@ class CausalLM(nn.Module):
 
     qk_norm = False
     qkv_bias = False
+    unit_offset_norms = False  # RMSNorm weights stored zero-centred, scaling by (1 + w) (Qwen3.5)
     # checkpoint name prefixes -> ours; None drops the tensors (the vision and audio towers of a multimodal checkpoint
     # served text-only)
     checkpoint_prefixes: dict[str, str | None] = {}
@@ -149,11 +150,15 @@ class CausalLM(nn.Module):
         return name
 
     def make_model(self, config, max_position: int) -> nn.Module:
-        """The decoder stack (embeddings, layers, final norm); a family with other layers (models/gemma4.py)
-        builds its own, which runs the same way: forward(input_ids, positions), embed_tokens, layers with
-        before_attention / after_attention, final_norm."""
+        """The decoder stack (embeddings, layers, final norm); a family whose stack differs beyond its layers
+        (models/gemma4.py: scaled embeddings, RoPE per layer kind) builds its own, which runs the same way:
+        forward(input_ids, positions), embed_tokens, layers with before_attention / after_attention, final_norm."""
+        return DecoderModel(config, max_position, self.make_layer, self.unit_offset_norms)
+
+    def make_layer(self, config, layer_index: int, prefix: str, rotary_emb: RotaryEmbedding) -> nn.Module:
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
-        return DecoderModel(config, self.qk_norm, qkv_bias, max_position, self.make_mlp)
+        return DecoderLayer(config, prefix, self.qk_norm, qkv_bias, rotary_emb,
+                            self.make_mlp(config, layer_index, f"{prefix}.mlp"))
 
     def make_mlp(self, config, layer_index: int, prefix: str) -> nn.Module:
         return MLP(config, prefix)
@@ -173,6 +178,10 @@ class CausalLM(nn.Module):
 
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
+
+    def state_layers(self) -> list[nn.Module]:
+        """Layers that carry a per-sequence state from step to step (they declare it in `state_shapes`)."""
+        return [m for m in self.modules() if hasattr(m, "state_shapes")]
 
 
 class Qwen3ForCausalLM(CausalLM):

@@ -183,6 +183,11 @@ class Gemma4Model(nn.Module):
 
 
 class Gemma4ForCausalLM(CausalLM):
+    """Both checkpoint kinds: the hub's multimodal one is served text-only (a gemma4_text one has no prefix)."""
+
+    checkpoint_prefixes = {"model.language_model.": "model.", "model.vision_tower.": None,
+                           "model.embed_vision.": None, "model.audio_tower.": None, "model.embed_audio.": None}
+
     def make_model(self, config, max_position: int) -> nn.Module:
         return Gemma4Model(config, max_position)
 
@@ -190,10 +195,3 @@ class Gemma4ForCausalLM(CausalLM):
         logits = super().compute_logits(hidden)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
-
-
-class Gemma4ForConditionalGeneration(Gemma4ForCausalLM):
-    """The hub's multimodal checkpoint, served text-only."""
-
-    checkpoint_prefixes = {"model.language_model.": "model.", "model.vision_tower.": None,
-                           "model.embed_vision.": None, "model.audio_tower.": None, "model.embed_audio.": None}

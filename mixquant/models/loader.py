@@ -23,14 +23,15 @@ from mixquant.models.registry import model_class
 from mixquant.quantization import compressed_tensors as ct
 from mixquant.quantization.expert_methods import BF16Experts, ExpertsMethod, FP8Experts, NVFP4Experts
 from mixquant.quantization.linear_methods import (
-    ActivationGroup, BF16Method, FP8Method, LinearMethod, NVFP4Method)
+    ActivationGroup, BF16Method, FP8Method, LinearMethod, NoDecodeMethod, NVFP4Method)
 from mixquant.utils.hf import iterate_tensors
 
 logger = logging.getLogger(__name__)
 
 # checkpoint module -> (our fused module, shard index)
 FUSED_SHARDS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+                "in_proj_qkv": ("in_proj_qkvz", 0), "in_proj_z": ("in_proj_qkvz", 1)}  # Gated DeltaNet
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)
 # experts as one module per expert (the hub's Qwen3-MoE, compressed-tensors checkpoints) or as 3-D tensors
 EXPERT_MODULE = re.compile(rf"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<shard>{'|'.join(EXPERT_SHARDS)})$")
@@ -61,19 +62,31 @@ def build_model(hf_config, dtype: torch.dtype, device: torch.device, max_positio
         torch.set_default_dtype(previous)
 
 
-def expected_tensors(model: CausalLM) -> set[str]:
-    """The checkpoint tensors a complete checkpoint holds, named per shard and per expert."""
+def expected_tensors(model: CausalLM, quantized: set[str] = frozenset()) -> set[str]:
+    """The checkpoint tensors a complete checkpoint holds, named per shard and per expert; the weights of the
+    `quantized` layers are left out (a prefill-only engine reads their pre-quantized tensors apart)."""
     expected = {name for name, _ in model.named_parameters()}
     for layer in model.phase_routed_layers():
         if isinstance(layer, GroupedExperts):
             expected -= {f"{layer.prefix}.w13", f"{layer.prefix}.w2"}
-            expected.update(f"{layer.prefix}.{e}.{shard}.weight"
-                            for e in range(layer.num_experts) for shard in EXPERT_SHARDS)
+            if layer.prefix not in quantized:
+                expected.update(f"{layer.prefix}.{e}.{shard}.weight"
+                                for e in range(layer.num_experts) for shard in EXPERT_SHARDS)
             continue
         for param in ("weight", "bias") if layer.bias is not None else ("weight",):
             expected.discard(f"{layer.prefix}.{param}")
-            expected.update(f"{parent}.{param}" for parent in layer.shard_module_names())
+            if not (param == "weight" and layer.prefix in quantized):
+                expected.update(f"{parent}.{param}" for parent in layer.shard_module_names())
     return expected
+
+
+def target_module(name: str) -> tuple[str, str]:
+    """Our module a checkpoint tensor belongs to, and the tensor's own name in it."""
+    stacked = STACKED_EXPERTS.match(name)
+    if stacked:
+        return stacked["experts"], stacked["name"]
+    module_name, _, param_name = name.rpartition(".")
+    return model_module_for(module_name)[0], param_name
 
 
 def load_tensor(modules: dict[str, torch.nn.Module], name: str, tensor: torch.Tensor) -> list[str] | None:
@@ -100,9 +113,10 @@ def load_tensor(modules: dict[str, torch.nn.Module], name: str, tensor: torch.Te
     return None
 
 
-def load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]):
+def load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]], quantized: set[str] = frozenset()):
     """Copies a Hugging Face state dict (possibly sharded q/k/v, gate/up, experts per module or stacked) into the
-    model; every parameter must come."""
+    model; every parameter must come, but the weights of `quantized` layers (their pre-quantized tensors are read
+    apart)."""
     modules = dict(model.named_modules())
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -115,6 +129,9 @@ def load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]):
             continue
         if name.endswith(IGNORED_TENSORS) or (tied and name == "lm_head.weight"):
             continue
+        target, param_name = target_module(name)
+        if target in quantized and param_name != "bias":
+            continue
         filled = load_tensor(modules, name, tensor)
         if filled is None:
             unexpected.append(name)
@@ -123,7 +140,7 @@ def load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]):
     if unexpected:
         raise ValueError(f"checkpoint tensors the model has no place for: {', '.join(unexpected[:8])}"
                          + (" ..." if len(unexpected) > 8 else ""))
-    missing = sorted(expected_tensors(model) - loaded)
+    missing = sorted(expected_tensors(model, quantized) - loaded)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
     if skipped:
@@ -132,11 +149,13 @@ def load_weights(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]):
 
 
 def init_dummy_weights(model: CausalLM, seed: int):
-    """Random weights in real shapes, for benchmarks; norms stay 1 so activations keep a sane scale."""
+    """Random weights in real shapes, for benchmarks; norms stay at scale 1 (0 where stored zero-centred) so
+    activations keep a sane scale."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    zero_centred = {f"{name}.weight" for name, module in model.named_modules() if getattr(module, "unit_offset", False)}
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
-            param.data.fill_(1.0)
+            param.data.fill_(0.0 if name in zero_centred else 1.0)
         else:
             param.data.normal_(0.0, 0.02, generator=gen)
 
@@ -167,6 +186,17 @@ def read_prequantized(model: CausalLM, path: Path, device: torch.device) -> Preq
             continue  # embeddings, norms and the head come from the BF16 model
         target, shard = model_module_for(module_name)
         checkpoint.tensors[target].setdefault(shard, {})[param_name] = tensor.to(device)
+    return checkpoint
+
+
+def load_prefill_checkpoint(model: CausalLM, path: Path, device: torch.device) -> PrequantizedCheckpoint:
+    """A pre-quantized checkpoint as the only source of weights (an engine that only prefills): its quantized layers
+    (experts included) get their quantized tensors and no model-dtype weight; embeddings, norms, routers, the head
+    and the layers it keeps unquantized load as from a plain checkpoint."""
+    checkpoint = read_prequantized(model, path, device)
+    quantized = {layer.prefix for layer in model.phase_routed_layers() if layer.prefix in checkpoint.tensors
+                 and not _is_unquantized(layer, [], checkpoint.scheme.ignore)}
+    load_weights(model, iterate_tensors(path), quantized)
     return checkpoint
 
 
@@ -283,4 +313,5 @@ def assign_methods(model: CausalLM, config: EngineConfig, compute_dtype: torch.d
                 methods[precision] = _build_method(layer, precision, native, compute_dtype, prequantized)
             return methods[precision]
 
-        layer.set_methods(method(config.precision(Phase.PREFILL)), method(config.precision(Phase.DECODE)))
+        decode = NoDecodeMethod() if config.prefill_only else method(config.precision(Phase.DECODE))
+        layer.set_methods(method(config.precision(Phase.PREFILL)), decode)

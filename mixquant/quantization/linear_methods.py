@@ -51,6 +51,16 @@ class BF16Method(LinearMethod):
         return torch.addmm(self.bias, x, self.weight.t(), out=out)
 
 
+class NoDecodeMethod(LinearMethod):
+    """The decode side of an engine that only prefills for a decode instance (kv_role kv_producer): it keeps no
+    weights for decode rows, and the scheduler never gives it any."""
+
+    precision, mode = "none", "none"
+
+    def __call__(self, *args, **kwargs):  # a linear layer's or the experts' decode rows alike
+        raise RuntimeError("this engine only prefills (kv_role kv_producer) and has no decode weights")
+
+
 class FP8Method(LinearMethod):
     """W8A8 E4M3: per-output-channel weight scales, dynamic per-token activation scales."""
 

@@ -128,18 +128,16 @@ def quantize_checkpoint(model: str, output: str | Path, scheme: str, calibration
     net = engine.runner.model
     ignore = list(ignore or []) + ["lm_head"] + router_ignore(net)
     input_amax = calibrate_input_amax(engine, calibration_texts or DEFAULT_CALIBRATION) if scheme == "nvfp4" else {}
-
     tensors = per_expert_tensors(dict(iterate_tensors(engine.model_path)))
-    # our module names -> the checkpoint's (a multimodal checkpoint's language model sits under its own prefix),
-    # which the output keeps, so that it is the input checkpoint with some tensors quantized
-    checkpoint_module = {net.checkpoint_name(name).removesuffix(".weight"): name.removesuffix(".weight")
-                         for name in tensors if name.endswith(".weight") and net.checkpoint_name(name) is not None}
-    for names in quantized_groups(net):
+    # our module name -> the checkpoint's (they differ under a multimodal checkpoint's text prefix)
+    checkpoint_module = {ours.rpartition(".")[0]: name.rpartition(".")[0] for name in tensors
+                         if (ours := net.checkpoint_name(name)) is not None}
+    for group in quantized_groups(net):
+        names = [checkpoint_module[n] for n in group]
         if any(ct.matches_ignore(n, ignore) for n in names):
             continue  # the whole group stays as it is, as the engine keeps a fused layer unquantized
-        modules = [checkpoint_module[n] for n in names]
-        weights = [tensors.pop(f"{m}.weight") for m in modules]
-        tensors.update(ct.compress_linear_group(modules, weights, scheme, input_amax.get(names[0])))  # bias stays
+        weights = [tensors.pop(f"{n}.weight") for n in names]
+        tensors.update(ct.compress_linear_group(names, weights, scheme, input_amax.get(group[0])))  # bias stays
 
     output.mkdir(parents=True, exist_ok=True)
     _save_sharded(tensors, output)

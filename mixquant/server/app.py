@@ -24,10 +24,12 @@ from mixquant.server.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    ResponsesRequest,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfo,
 )
+from mixquant.server.responses import ResponsesEndpoint, ResponseStore
 from mixquant.server.serving import ServingContext
 
 
@@ -39,6 +41,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     ctx = ServingContext(async_engine, config, engine.tokenizer, engine.max_model_len)
     completions = CompletionsEndpoint(ctx)
     chat = ChatEndpoint(ctx)
+    responses = ResponsesEndpoint(ctx, chat, ResponseStore(config.max_stored_responses))
     started = int(time.time())
 
     @asynccontextmanager
@@ -48,6 +51,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
             yield
         finally:
             await async_engine.shutdown()
+            engine.shutdown()
 
     app = FastAPI(title="mixquant", version=__version__, lifespan=lifespan)
     app.state.engine = async_engine
@@ -86,6 +90,14 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: ChatCompletionRequest, http_request: Request) -> Response:
         return await chat(request, http_request)
+
+    @app.post("/v1/responses")
+    async def create_response(request: ResponsesRequest, http_request: Request) -> Response:
+        return await responses.create(request, http_request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> Response:
+        return responses.retrieve(response_id)
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:

@@ -5,20 +5,16 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from mixquant.outputs import CompletionOutput
+from mixquant.sampling_params import SamplingParams
 from mixquant.server.async_engine import RequestGroup
 from mixquant.server.errors import bad_request
-from mixquant.server.parsers import (
-    REASONING_PARSERS,
-    TOOL_CALL_PARSERS,
-    ChatOutputParser,
-    NamedFunctionParser,
-    ParsedOutput,
-)
+from mixquant.server.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS, ChatOutputParser, ParsedOutput
 from mixquant.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -50,6 +46,7 @@ from mixquant.server.serving import (
     sse,
     usage_of,
 )
+from mixquant.server.structured_outputs import check_tool_schemas, checked, requested_constraint, tool_call_constraint
 
 ToolChoice = str | NamedToolChoice  # "none" | "auto" | "required" | one named function
 
@@ -137,17 +134,46 @@ def chat_logprobs(completion: CompletionOutput, start: int, num_top: int) -> Cha
     return ChatLogprobs(content=entries)
 
 
+@dataclass
+class PreparedChat:
+    """A chat request made ready for the engine: what the chat and responses endpoints share."""
+    model: str
+    token_ids: list[int]
+    params: SamplingParams
+    parser: ChatOutputParser
+    tool_choice: ToolChoice
+    num_top_logprobs: int | None
+
+
 class ChatEndpoint:
     def __init__(self, ctx: ServingContext):
         self.ctx = ctx
 
     async def __call__(self, request: ChatCompletionRequest, http_request: Request) -> Response:
+        chat = await self.prepare(request)
+        group = await self.ctx.submit([chat.token_ids], chat.params, "messages")
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if request.stream:
+            return event_stream(self._stream(request, http_request, group, chat, response_id))
+        [output] = await collect_final(http_request, group)
+        choices = []
+        for completion in output.outputs:
+            parsed = chat.parser.parse(completion.text, final=True)
+            choices.append(ChatChoice(
+                index=completion.index, message=response_message(parsed),
+                logprobs=chat_logprobs(completion, 0, chat.num_top_logprobs)
+                if chat.num_top_logprobs is not None else None,
+                finish_reason=self._finish_reason(chat.tool_choice, parsed, completion),
+                stop_reason=completion.stop_reason))
+        response = ChatCompletionResponse(id=response_id, model=chat.model, choices=choices,
+                                          usage=usage_of([output]), kv_transfer_params=output.kv_transfer_params)
+        return JSONResponse(response.model_dump())
+
+    async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
+        """Checks the request, renders and tokenizes the prompt, builds its sampling parameters and output parser."""
         ctx = self.ctx
         model = ctx.model_name(request.model)
         tool_choice = self._tool_choice(request)
-        if request.response_format is not None and request.response_format.type == "json_schema":
-            raise bad_request("response_format json_schema needs constrained decoding, which this server does not "
-                              "have; json_object is accepted but not enforced", "response_format.type")
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         ctx.check_logprobs(request.top_logprobs, "top_logprobs")
@@ -159,25 +185,23 @@ class ChatEndpoint:
         else:
             max_tokens = ctx.check_max_tokens(request.max_tokens, "max_tokens", len(token_ids))
         num_top = (request.top_logprobs or 0) if request.logprobs else None
-        params = ctx.sampling_params(request, max_tokens, num_top)
-        parser = self._output_parser(tool_choice, template_kwargs)
+        constraint = requested_constraint(request)
+        calls_constrained = False
+        if request.tools:
+            tools_constraint = tool_call_constraint(request.tools, tool_choice, request.parallel_tool_calls,
+                                                    constraint)
+            calls_constrained = tools_constraint is not constraint
+            if calls_constrained:
+                await check_tool_schemas(request.tools, tool_choice)
+            constraint = tools_constraint
+        parser = self._output_parser(tool_choice, template_kwargs, request.tools, calls_constrained)
+        # the constraint starts where the reasoning parser starts reading content
+        thinking = parser.reasoning is not None and parser.reasoning.thinking_enabled
+        structured = await checked(constraint, parser.reasoning.end if thinking else None)
+        params = ctx.sampling_params(request, max_tokens, num_top, structured_outputs=structured)
         if parser.needs_special_tokens:
             params.skip_special_tokens = False  # the parser reads the model's markers, which are special tokens
-        group = await ctx.submit([token_ids], params, "messages")
-        response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if request.stream:
-            return event_stream(self._stream(request, http_request, group, parser, tool_choice, response_id, model))
-        [output] = await collect_final(http_request, group)
-        choices = []
-        for completion in output.outputs:
-            parsed = parser.parse(completion.text, final=True)
-            choices.append(ChatChoice(
-                index=completion.index, message=response_message(parsed),
-                logprobs=chat_logprobs(completion, 0, num_top) if num_top is not None else None,
-                finish_reason=self._finish_reason(tool_choice, parsed, completion),
-                stop_reason=completion.stop_reason))
-        response = ChatCompletionResponse(id=response_id, model=model, choices=choices, usage=usage_of([output]))
-        return JSONResponse(response.model_dump())
+        return PreparedChat(model, token_ids, params, parser, tool_choice, num_top)
 
     def _tool_choice(self, request: ChatCompletionRequest) -> ToolChoice:
         choice = request.tool_choice or ("auto" if request.tools else "none")
@@ -195,19 +219,19 @@ class ChatEndpoint:
                               "--tool-call-parser", "tool_choice")
         return choice
 
-    def _output_parser(self, tool_choice: ToolChoice, template_kwargs: dict) -> ChatOutputParser:
+    def _output_parser(self, tool_choice: ToolChoice, template_kwargs: dict,
+                       request_tools: list[ToolDefinition] | None, calls_constrained: bool) -> ChatOutputParser:
         config = self.ctx.config
         reasoning = None
         if config.reasoning_parser is not None:
             reasoning = REASONING_PARSERS[config.reasoning_parser](
                 thinking_enabled=template_kwargs.get("enable_thinking", True) is not False)
         tools = None
-        if isinstance(tool_choice, NamedToolChoice):
-            tools = NamedFunctionParser(tool_choice.function.name)
-        elif tool_choice in ("auto", "required"):
-            # `required` needs no --tool-call-parser in vLLM (it constrains the output instead); hermes is the
-            # format the templates we know ask for, so it is the fallback.
-            tools = TOOL_CALL_PARSERS[config.tool_call_parser or "hermes"]()
+        if tool_choice != "none":
+            # calls a grammar constrains are hermes calls of the offered tools, whatever --tool-call-parser says
+            # (and `required` or a named function needs no parser flag, as in vLLM)
+            name = "hermes" if calls_constrained else config.tool_call_parser or "hermes"
+            tools = TOOL_CALL_PARSERS[name](request_tools)
         return ChatOutputParser(reasoning, tools)
 
     @staticmethod
@@ -219,13 +243,12 @@ class ChatEndpoint:
         return completion.finish_reason
 
     async def _stream(self, request: ChatCompletionRequest, http_request: Request, group: RequestGroup,
-                      parser: ChatOutputParser, tool_choice: ToolChoice, response_id: str,
-                      model: str) -> AsyncIterator[str]:
+                      chat: PreparedChat, response_id: str) -> AsyncIterator[str]:
         created = int(time.time())
-        num_top = (request.top_logprobs or 0) if request.logprobs else None
+        num_top = chat.num_top_logprobs
 
         def chunk(choices: list[ChatStreamChoice], usage=None) -> str:
-            return sse(ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices,
+            return sse(ChatCompletionChunk(id=response_id, created=created, model=chat.model, choices=choices,
                                            usage=usage))
 
         for index in range(request.n):
@@ -242,16 +265,15 @@ class ChatEndpoint:
                     if done[index]:
                         continue
                     done[index] = completion.finish_reason is not None
-                    parsed = parser.parse(completion.text, final=done[index])
+                    parsed = chat.parser.parse(completion.text, final=done[index])
                     delta = message_delta(sent[index], parsed)
                     new_tokens = len(completion.token_ids) > tokens_sent[index]
                     if delta is None and not done[index] and not (num_top is not None and new_tokens):
                         continue
                     logprobs = chat_logprobs(completion, tokens_sent[index], num_top) if num_top is not None else None
-                    yield chunk([ChatStreamChoice(
-                        index=index, delta=delta or DeltaMessage(), logprobs=logprobs,
-                        finish_reason=self._finish_reason(tool_choice, parsed, completion) if done[index] else None,
-                        stop_reason=completion.stop_reason)])
+                    finish_reason = self._finish_reason(chat.tool_choice, parsed, completion) if done[index] else None
+                    yield chunk([ChatStreamChoice(index=index, delta=delta or DeltaMessage(), logprobs=logprobs,
+                                                  finish_reason=finish_reason, stop_reason=completion.stop_reason)])
                     sent[index], tokens_sent[index] = parsed, len(completion.token_ids)
         if request.include_usage_in_stream and not group.aborted:
             yield chunk([], usage_of([final]))

@@ -58,7 +58,9 @@ def register(subparsers):
 
     engine = p.add_argument_group("engine")
     engine.add_argument("--tokenizer", help="tokenizer folder or id (default: the model's)")
-    engine.add_argument("--prefill-model", help="pre-quantized compressed-tensors checkpoint for the prefill phase")
+    engine.add_argument("--prefill-model", help="pre-quantized compressed-tensors checkpoint for the prefill phase "
+                                                "(with kv_role kv_producer, the only weights loaded; MODEL then only "
+                                                "names the model)")
     engine.add_argument("--prefill-precision", default="auto", choices=["auto", *PRECISIONS],
                         help="precision of prompt tokens (auto: nvfp4 on Blackwell, fp8 on Ada/Hopper, else bf16)")
     engine.add_argument("--decode-precision", default="bf16", choices=PRECISIONS,
@@ -77,10 +79,20 @@ def register(subparsers):
     engine.add_argument("--max-num-batched-tokens", type=int, default=8192)
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    engine.add_argument("--state-snapshot-interval", type=int, default=0,
+                        help="models with recurrent state (Qwen3.5): besides each prompt's end and the end of a "
+                             "shared prefix, save the state every this many prompt tokens for prefix-cache hits to "
+                             "resume at (a multiple of the block size; 0: not)")
+    engine.add_argument("--num-state-snapshots", type=int,
+                        help="state snapshots kept for prefix caching (default: --max-num-seqs; 0: no state reuse)")
     engine.add_argument("--seed", type=int, default=0)
     engine.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                         help="dummy: random weights in the checkpoint's shapes (benchmarks)")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    engine.add_argument("--kv-transfer-config", type=json_object, metavar="JSON",
+                        help='disaggregated prefill/decode (docs/distributed.md), vLLM\'s JSON: '
+                             '\'{"kv_connector": "NixlConnector", "kv_role": "kv_both"}\'; kv_producer only '
+                             'prefills, kv_consumer only decodes; kv_ip and kv_port: the NIXL side channel')
     p.set_defaults(func=serve)
 
 
@@ -102,6 +114,7 @@ def run_server(args, chat_template: str | None) -> int:
     import uvicorn
 
     from mixquant.config import EngineConfig
+    from mixquant.distributed.kv_transfer import KVTransferConfig
     from mixquant.engine.llm_engine import LLMEngine
     from mixquant.server.app import build_app
     from mixquant.server.config import ServerConfig, load_generation_defaults
@@ -113,7 +126,9 @@ def run_server(args, chat_template: str | None) -> int:
         device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, hf_overrides=args.hf_overrides, seed=args.seed,
-        load_format=args.load_format, enforce_eager=args.enforce_eager))
+        load_format=args.load_format, enforce_eager=args.enforce_eager,
+        state_snapshot_interval=args.state_snapshot_interval, num_state_snapshots=args.num_state_snapshots,
+        kv_transfer_config=KVTransferConfig.from_dict(args.kv_transfer_config) if args.kv_transfer_config else None))
     config = ServerConfig(
         served_model_names=args.served_model_name or [args.model], model_path=str(engine.model_path),
         api_key=args.api_key, chat_template=chat_template,
@@ -141,7 +156,19 @@ def startup_line(engine, config, host: str, port: int) -> str:
     attention, min_tokens = engine.config.prefill_attention, engine.config.fp8_attention_min_tokens
     attention = (f" | prefill attention {attention}{f' from {min_tokens:,} tokens' if min_tokens else ''}"
                  if attention != "bf16" else "")
+    decode = "none (prefill only)" if engine.config.prefill_only else \
+        f"{precisions['decode_precision']} ({precisions['decode_kernels']})"
     return (f"mixquant serve: {names} ({config.model_path}) | prefill {precisions['prefill_precision']} "
-            f"({precisions['prefill_kernels']}){attention} | decode {precisions['decode_precision']} "
-            f"({precisions['decode_kernels']}) | {nvfp4} | KV cache {engine.kv_cache_tokens():,} tokens | "
-            f"max_model_len {engine.max_model_len} | http://{host}:{port}/v1")
+            f"({precisions['prefill_kernels']}){attention} | decode {decode} | {nvfp4} | "
+            f"KV cache {engine.kv_cache_tokens():,} tokens | max_model_len {engine.max_model_len}"
+            f"{kv_transfer_line(engine)} | http://{host}:{port}/v1")
+
+
+def kv_transfer_line(engine) -> str:
+    connector = engine.kv_connector
+    if connector is None:
+        return ""
+    role = engine.config.kv_transfer_config.kv_role
+    side_channel = (f", side channel {engine.config.kv_transfer_config.kv_ip}:{connector.side_channel_port}"
+                    if connector.side_channel else "")
+    return f" | {role} over NIXL{side_channel}"

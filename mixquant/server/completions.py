@@ -26,6 +26,7 @@ from mixquant.server.serving import (
     sse,
     usage_of,
 )
+from mixquant.server.structured_outputs import checked, requested_constraint
 
 
 @dataclass
@@ -93,10 +94,14 @@ class CompletionsEndpoint:
         if request.suffix:
             raise bad_request("suffix is not supported", "suffix")
         prompts = completion_prompts(ctx, request)
+        if request.kv_transfer_params is not None and len(prompts) > 1:
+            raise bad_request("kv_transfer_params go with a single prompt", "prompt")
         ctx.check_logprobs(request.logprobs, "logprobs")
         max_tokens = ctx.check_max_tokens(request.max_tokens, "max_tokens", max(len(p.token_ids) for p in prompts))
         echo_logprobs = request.logprobs if request.echo else None
-        params = ctx.sampling_params(request, max_tokens, request.logprobs, prompt_logprobs=echo_logprobs)
+        structured = await checked(requested_constraint(request))
+        params = ctx.sampling_params(request, max_tokens, request.logprobs, prompt_logprobs=echo_logprobs,
+                                     structured_outputs=structured)
         group = await ctx.submit([p.token_ids for p in prompts], params, "prompt")
         response_id = f"cmpl-{uuid.uuid4().hex}"
         if request.stream:
@@ -104,7 +109,8 @@ class CompletionsEndpoint:
         outputs = await collect_final(http_request, group)
         choices = [self._choice(request, i, prompts[i], output, completion)
                    for i, output in enumerate(outputs) for completion in output.outputs]
-        response = CompletionResponse(id=response_id, model=model, choices=choices, usage=usage_of(outputs))
+        response = CompletionResponse(id=response_id, model=model, choices=choices, usage=usage_of(outputs),
+                                      kv_transfer_params=outputs[0].kv_transfer_params)
         return JSONResponse(response.model_dump())
 
     def _echo_text(self, prompt: CompletionPrompt) -> str:

@@ -25,6 +25,8 @@ class ServerConfig:
     # Requests the server holds at once (running or waiting for the engine); more are answered 503.
     max_pending_requests: int = 8192  # high enough for benchmark clients that send everything at once
     max_request_bytes: int = 32 << 20
+    # Responses kept for previous_response_id (in memory, the oldest evicted first).
+    max_stored_responses: int = 1024
 
     def __post_init__(self):
         if not self.served_model_names:
@@ -41,7 +43,7 @@ class ServerConfig:
         if unknown:
             raise ValueError(f"generation defaults may only set {', '.join(GENERATION_DEFAULT_KEYS)}; "
                              f"got {', '.join(sorted(unknown))}")
-        for name in ("max_pending_requests", "max_request_bytes"):
+        for name in ("max_pending_requests", "max_request_bytes", "max_stored_responses"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

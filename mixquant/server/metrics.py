@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mixquant.outputs import RequestOutput
@@ -146,3 +146,38 @@ class EngineStatsCollector(Collector):
                                  labels=["model_name", *self.precisions])
         info.add_metric([self.model_name, *(value or "unused" for value in self.precisions.values())], 1)
         yield info
+        if "kv_transfer" in stats:
+            yield from self._kv_transfer(stats["kv_transfer"])
+
+    def _kv_transfer(self, stats: dict) -> Iterator[Metric]:
+        """A disaggregated instance's KV transfers, under the names of vLLM's NixlConnector where it has one."""
+        model = [self.model_name]
+        for name, doc, snapshot in (
+            ("vllm:nixl_xfer_time_seconds", "Time to read a request's KV blocks from a prefill instance, "
+                                            "handshake included.", stats["read_seconds"]),
+            ("vllm:nixl_bytes_transferred", "Bytes of KV read per request.", stats["read_bytes"]),
+        ):
+            histogram = HistogramMetricFamily(name, doc, labels=["model_name"])
+            buckets = [(str(bound), count) for bound, count in zip(snapshot["buckets"], snapshot["counts"])]
+            histogram.add_metric(model, buckets + [("+Inf", snapshot["count"])], snapshot["sum"])
+            yield histogram
+        for name, doc, value in (
+            ("mixquant:kv_transfer_blocks", "KV blocks read from prefill instances.", stats["blocks_read"]),
+            ("vllm:nixl_num_failed_transfers", "KV reads that failed or timed out.", stats["failed_reads"]),
+            ("vllm:nixl_num_kv_expired_reqs", "Requests whose KV no decode instance read within "
+                                              "abort_request_timeout (prefill side).", stats["expired_requests"]),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=["model_name"])
+            counter.add_metric(model, value)
+            yield counter
+        fallbacks = CounterMetricFamily(
+            "mixquant:kv_transfer_fallbacks", "Requests that computed their prompt here instead of reading its KV, "
+                                              "by reason.", labels=["model_name", "reason"])
+        for reason, count in stats["fallbacks"].items():
+            fallbacks.add_metric([self.model_name, reason], count)
+        yield fallbacks
+        held = GaugeMetricFamily("mixquant:kv_transfer_held_requests",
+                                 "Requests whose KV blocks wait for a decode instance to read them.",
+                                 labels=["model_name"])
+        held.add_metric(model, stats["held_requests"])
+        yield held

@@ -1,5 +1,5 @@
-"""Generated text -> reasoning, content and tool calls (vLLM's `--reasoning-parser qwen3|gemma4`,
-`--tool-call-parser hermes|gemma4`).
+"""Generated text -> reasoning, content and tool calls (vLLM's `--reasoning-parser qwen3|gemma4`, `--tool-call-parser
+hermes|gemma4` and `qwen3_coder`, the XML calls of Qwen3-Coder and Qwen3.5).
 
 Every parser is a pure function of the text generated so far. With `final=False` (the text is still growing) it
 holds back whatever the next tokens could still change (half a tag, an unclosed tool call, trailing whitespace
@@ -9,11 +9,14 @@ between successive parses, and a streamed response always adds up to the non-str
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 THINK_START, THINK_END = "<think>", "</think>"
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+# An XML tool call (Qwen3.5) opened before </think> ends the reasoning there, as vLLM's qwen3 parser reads it.
+XML_CALL_START = TOOL_CALL_START + "\n<function="
 
 
 def partial_tag_length(text: str, tag: str) -> int:
@@ -42,9 +45,12 @@ class ParsedOutput:
 class Qwen3ReasoningParser:
     """`<think>reasoning</think>content`. The opening tag may be in the prompt (newer templates) or generated.
 
-    Thinking on and no `</think>` yet: everything is reasoning (a response cut off while thinking has no answer).
-    Thinking off (`enable_thinking: false`): the template closed the think block itself, so all is content.
+    Thinking on and no `</think>` yet: everything is reasoning (a response cut off while thinking has no answer),
+    up to an XML tool call, which ends it. Thinking off (`enable_thinking: false`): the template closed the think
+    block itself, so all is content.
     """
+
+    end = THINK_END  # where content (and a structured output's constraint) starts
 
     def __init__(self, thinking_enabled: bool = True):
         self.thinking_enabled = thinking_enabled
@@ -57,12 +63,14 @@ class Qwen3ReasoningParser:
             text = text[len(THINK_START):]
         elif not final and THINK_START.startswith(text):
             return "", ""
-        reasoning, closed, content = text.partition(THINK_END)
-        if closed:
-            return reasoning, content
+        call, end = text.find(XML_CALL_START), text.find(THINK_END)
+        if call >= 0 and (end < 0 or call < end):
+            return text[:call], text[call:]
+        if end >= 0:
+            return text[:end], text[end + len(THINK_END):]
         if not final:
-            reasoning = reasoning[:len(reasoning) - partial_tag_length(reasoning, THINK_END)]
-        return reasoning, ""
+            text = text[:len(text) - max(partial_tag_length(text, THINK_END), partial_tag_length(text, XML_CALL_START))]
+        return text, ""
 
 
 # ---- tool calls ----------------------------------------------------------------------------------------------------
@@ -93,32 +101,41 @@ class ToolParser(Protocol):
         """(content, tool calls)."""
 
 
-class HermesToolParser:
-    """`<tool_call>{json}</tool_call>` blocks become tool calls; an unclosed block at the end counts once final.
+class TaggedToolParser:
+    """`<tool_call>...</tool_call>` blocks (or a subclass's `start` ... `end`) become tool calls (`parse_body` reads
+    one); an unclosed block at the end counts once final. A block that is not a tool call stays in the content where
+    it was, as do the words around the blocks: nothing the model wrote is dropped. Built per request, with the
+    request's tools."""
 
-    A block whose JSON is not a tool call stays in the content where it was, as do the words around the blocks:
-    nothing the model wrote is dropped.
-    """
+    start, end = TOOL_CALL_START, TOOL_CALL_END
+    held_tags = (TOOL_CALL_START,)  # a content end that may become one of these is held back while streaming
+
+    def __init__(self, tools: list | None = None):
+        self.tools = tools or []
+
+    def parse_body(self, body: str) -> ParsedToolCall | None:
+        raise NotImplementedError
 
     def extract(self, text: str, final: bool) -> tuple[str, list[ParsedToolCall]]:
+        """(content, tool calls)."""
         content: list[str] = []
         calls: list[ParsedToolCall] = []
         position = 0
         while True:
-            start = text.find(TOOL_CALL_START, position)
+            start = text.find(self.start, position)
             if start < 0:
                 rest = text[position:]
                 if not final:
-                    rest = rest[:len(rest) - partial_tag_length(rest, TOOL_CALL_START)]
+                    rest = rest[:len(rest) - max(partial_tag_length(rest, tag) for tag in self.held_tags)]
                 content.append(rest)
                 break
             content.append(text[position:start])
-            end = text.find(TOOL_CALL_END, start)
+            end = text.find(self.end, start)
             if end < 0 and not final:
                 break  # still being written
             body_end = len(text) if end < 0 else end
-            block_end = len(text) if end < 0 else end + len(TOOL_CALL_END)
-            call = parse_tool_call(text[start + len(TOOL_CALL_START):body_end])
+            block_end = len(text) if end < 0 else end + len(self.end)
+            call = self.parse_body(text[start + len(self.start):body_end])
             if call is None:
                 content.append(text[start:block_end])
             else:
@@ -130,58 +147,54 @@ class HermesToolParser:
         return (joined if joined.strip() else ""), calls
 
 
-class NamedFunctionParser:
-    """`tool_choice` naming a function. Nothing constrains the output, so it is read as that function's call when it
-    is a hermes block, a `{"name", "arguments"}` object or a bare arguments object; otherwise it stays content.
-    Which of these it is can only be told at the end, so nothing is streamed before.
-    """
+class HermesToolParser(TaggedToolParser):
+    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Qwen2.5, Qwen3)."""
 
-    def __init__(self, name: str):
-        self.name = name
-        self.hermes = HermesToolParser()
+    def parse_body(self, body: str) -> ParsedToolCall | None:
+        return parse_tool_call(body)
 
-    def extract(self, text: str, final: bool) -> tuple[str, list[ParsedToolCall]]:
-        if not final:
-            return "", []
-        content, calls = self.hermes.extract(text, final=True)
-        if calls:
-            return content, calls
-        call = parse_tool_call(text)
-        if call is None or call.name != self.name:  # {"name": ...} may just as well be the function's arguments
-            call = self._as_arguments(text)
-        return ("", [call]) if call is not None else (content, [])
 
-    def _as_arguments(self, text: str) -> ParsedToolCall | None:
-        try:
-            arguments = json.loads(text)
-        except json.JSONDecodeError:
+FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)(?:</function>\s*|$)", re.DOTALL)
+PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
+
+
+class Qwen3CoderToolParser(TaggedToolParser):
+    """`<tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>\n</function>\n</tool_call>` (Qwen3-Coder,
+    Qwen3.5). Values are written as text: each becomes the JSON value its parameter's type in the request's tool
+    schema asks for (a string stays a string, `2` of an integer parameter becomes 2); text that is not of that type,
+    and the values of parameters the schema does not name, stay strings."""
+
+    def parse_body(self, body: str) -> ParsedToolCall | None:
+        function = FUNCTION.fullmatch(body)
+        if function is None:
             return None
-        if not isinstance(arguments, dict):
-            return None
-        return ParsedToolCall(self.name, json.dumps(arguments, ensure_ascii=False))
+        name = function[1].strip()
+        schema = next((tool.function.parameters or {} for tool in self.tools if tool.function.name == name), {})
+        properties = schema.get("properties") or {}
+        arguments = {}
+        for parameter in PARAMETER.finditer(function[2]):
+            key = parameter[1].strip()
+            arguments[key] = typed_value(parameter[2].removeprefix("\n").removesuffix("\n"), properties.get(key))
+        return ParsedToolCall(name, json.dumps(arguments, ensure_ascii=False))
 
 
-# ---- both ----------------------------------------------------------------------------------------------------------
-
-class ChatOutputParser:
-    """Reasoning first; tool calls are looked for in the content only, never inside the reasoning."""
-
-    def __init__(self, reasoning: Qwen3ReasoningParser | Gemma4ReasoningParser | None = None,
-                 tools: ToolParser | None = None):
-        self.reasoning = reasoning
-        self.tools = tools
-
-    @property
-    def needs_special_tokens(self) -> bool:
-        """Whether the text must keep the tokenizer's special tokens (Gemma's markers are special tokens)."""
-        return any(getattr(part, "needs_special_tokens", False) for part in (self.reasoning, self.tools))
-
-    def parse(self, text: str, final: bool) -> ParsedOutput:
-        reasoning, content = self.reasoning.split(text, final) if self.reasoning else ("", text)
-        calls: list[ParsedToolCall] = []
-        if self.tools is not None:
-            content, calls = self.tools.extract(content, final)
-        return ParsedOutput(reasoning, content, calls)
+def typed_value(text: str, schema: dict | None) -> Any:
+    """A parameter's text as the JSON value of its schema's type (the first non-null one of a list of types)."""
+    kind = (schema or {}).get("type", "string")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    if kind == "string":
+        return text
+    if text.strip() == "null":
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    accepted = {"integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}.get(kind)
+    if accepted is None or (isinstance(value, bool) and kind != "boolean") or not isinstance(value, accepted):
+        return text
+    return value
 
 
 # ---- Gemma 4 -------------------------------------------------------------------------------------------------------
@@ -199,6 +212,7 @@ class Gemma4ReasoningParser:
     (`enable_thinking: false`, Gemma's default): the template closed an empty channel in the prompt, all is
     content."""
 
+    end = GEMMA_CHANNEL_END
     needs_special_tokens = True
 
     def __init__(self, thinking_enabled: bool = True):
@@ -290,62 +304,57 @@ def _gemma_items(text: str, i: int, close: str, keyed: bool):
         i = _skip_space(text, i + 1)
 
 
-def parse_gemma_call(body: str) -> ParsedToolCall | None:
-    """`call:name{arguments}` -> a tool call; None if it is not one."""
-    body = body.strip()
-    if not body.startswith("call:") or "{" not in body:
-        return None
-    name, brace, arguments = body[len("call:"):].partition("{")
-    if not name.strip() or any(c.isspace() for c in name.strip()):
-        return None
-    try:
-        parsed = parse_gemma_arguments(brace + arguments)
-    except ValueError:
-        return None
-    return ParsedToolCall(name.strip(), json.dumps(parsed, ensure_ascii=False))
+class Gemma4ToolParser(TaggedToolParser):
+    """`<|tool_call>call:name{arguments}<tool_call|>` blocks, their arguments in Gemma's notation turned into JSON.
+    `<|tool_response>` after a call block is the model handing over to the tool: its turn ends there, so nothing
+    from it on is content."""
 
-
-class Gemma4ToolParser:
-    """`<|tool_call>call:name{arguments}<tool_call|>` blocks become tool calls, their arguments turned into JSON.
-    A block that is not a call stays in the content where it was, as do the words around the blocks; an unclosed
-    block at the end counts once final. `<|tool_response>` after a call is the model handing over to the tool:
-    its turn ends there, so nothing from it on is content."""
-
+    start, end = GEMMA_CALL_START, GEMMA_CALL_END
+    held_tags = (GEMMA_CALL_START, GEMMA_RESPONSE_START)
     needs_special_tokens = True
 
+    def parse_body(self, body: str) -> ParsedToolCall | None:
+        """`call:name{arguments}`; None if it is not one."""
+        body = body.strip()
+        name, brace, arguments = body.removeprefix("call:").partition("{")
+        if not body.startswith("call:") or not brace or not name.strip() or any(c.isspace() for c in name.strip()):
+            return None
+        try:
+            parsed = parse_gemma_arguments(brace + arguments)
+        except ValueError:
+            return None
+        return ParsedToolCall(name.strip(), json.dumps(parsed, ensure_ascii=False))
+
     def extract(self, text: str, final: bool) -> tuple[str, list[ParsedToolCall]]:
-        content: list[str] = []
+        closed = text.find(GEMMA_CALL_END)
+        handover = -1 if closed < 0 else text.find(GEMMA_RESPONSE_START, closed)
+        if handover >= 0:
+            return super().extract(text[:handover], final=True)
+        return super().extract(text, final)
+
+
+# ---- both ----------------------------------------------------------------------------------------------------------
+
+class ChatOutputParser:
+    """Reasoning first; tool calls are looked for in the content only, never inside the reasoning."""
+
+    def __init__(self, reasoning: Qwen3ReasoningParser | Gemma4ReasoningParser | None = None,
+                 tools: ToolParser | None = None):
+        self.reasoning = reasoning
+        self.tools = tools
+
+    @property
+    def needs_special_tokens(self) -> bool:
+        """Whether the text must keep the tokenizer's special tokens (Gemma's markers are special tokens)."""
+        return any(getattr(part, "needs_special_tokens", False) for part in (self.reasoning, self.tools))
+
+    def parse(self, text: str, final: bool) -> ParsedOutput:
+        reasoning, content = self.reasoning.split(text, final) if self.reasoning else ("", text)
         calls: list[ParsedToolCall] = []
-        position = 0
-        while True:
-            start = text.find(GEMMA_CALL_START, position)
-            rest = text[position:] if start < 0 else text[position:start]
-            if calls and GEMMA_RESPONSE_START in rest:
-                content.append(rest[:rest.index(GEMMA_RESPONSE_START)])
-                break
-            if start < 0:
-                if not final:
-                    rest = rest[:len(rest) - max(partial_tag_length(rest, tag)
-                                                 for tag in (GEMMA_CALL_START, GEMMA_RESPONSE_START))]
-                content.append(rest)
-                break
-            content.append(rest)
-            end = text.find(GEMMA_CALL_END, start)
-            if end < 0 and not final:
-                break  # still being written
-            body_end = len(text) if end < 0 else end
-            block_end = len(text) if end < 0 else end + len(GEMMA_CALL_END)
-            call = parse_gemma_call(text[start + len(GEMMA_CALL_START):body_end])
-            if call is None:
-                content.append(text[start:block_end])
-            else:
-                calls.append(call)
-            position = block_end
-        joined = "".join(content)
-        if not final:
-            return joined.rstrip(), calls  # trailing whitespace may only separate the text from a tool call
-        return (joined if joined.strip() else ""), calls
+        if self.tools is not None:
+            content, calls = self.tools.extract(content, final)
+        return ParsedOutput(reasoning, content, calls)
 
 
 REASONING_PARSERS = {"qwen3": Qwen3ReasoningParser, "gemma4": Gemma4ReasoningParser}
-TOOL_CALL_PARSERS = {"hermes": HermesToolParser, "gemma4": Gemma4ToolParser}
+TOOL_CALL_PARSERS = {"hermes": HermesToolParser, "qwen3_coder": Qwen3CoderToolParser, "gemma4": Gemma4ToolParser}

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mixquant.engine.llm_engine import GENERATION_DEFAULT_KEYS
 from mixquant.outputs import RequestOutput
-from mixquant.sampling_params import SamplingParams
+from mixquant.sampling_params import SamplingParams, StructuredOutputsParams
 from mixquant.server.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestGroup
 from mixquant.server.config import ServerConfig
 from mixquant.server.errors import APIError, ClientDisconnected, bad_request, error_body
@@ -60,9 +60,13 @@ class ServingContext:
                               f"got {value}", field)
 
     def sampling_params(self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None,
+                        structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         if request.logit_bias:
             raise bad_request("logit_bias is not supported by this server", "logit_bias")
+        if request.stream and (request.kv_transfer_params or {}).get("do_remote_decode"):
+            raise bad_request("kv_transfer_params.do_remote_decode needs stream false: the answer carries what the "
+                              "decode instance needs", "stream")
         # generation_config.json's keys are also the request's field names; what the request sets wins
         values = dict(self.config.generation_defaults)
         values.update({name: getattr(request, name) for name in GENERATION_DEFAULT_KEYS
@@ -73,7 +77,8 @@ class ServingContext:
                 stop=request.stop, stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
                 include_stop_str_in_output=request.include_stop_str_in_output,
                 skip_special_tokens=request.skip_special_tokens, presence_penalty=request.presence_penalty,
-                frequency_penalty=request.frequency_penalty, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                frequency_penalty=request.frequency_penalty, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                structured_outputs=structured_outputs, kv_transfer_params=request.kv_transfer_params)
         except ValueError as e:
             # "SamplingParams.top_p must be in (0, 1], got 1.5": the client knows the field without our prefix
             message = str(e).removeprefix("SamplingParams.")
@@ -131,8 +136,9 @@ def sse(payload: BaseModel) -> str:
     return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
 
 
-def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    """Server-sent events that end with [DONE]; an engine failure midway becomes an error event first."""
+def event_stream(events: AsyncIterator[str], done_event: bool = True) -> StreamingResponse:
+    """Server-sent events that end with [DONE] (the chat and completions APIs'; the responses API has none); an
+    engine failure midway becomes an error event first."""
 
     async def with_end() -> AsyncIterator[str]:
         try:
@@ -140,6 +146,7 @@ def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
                 yield event
         except EngineDeadError as e:
             yield f"data: {json.dumps(error_body(503, str(e)))}\n\n"
-        yield SSE_DONE
+        if done_event:
+            yield SSE_DONE
 
     return StreamingResponse(with_end(), media_type="text/event-stream")

@@ -1,7 +1,7 @@
 """`mixquant-tiny`: the small Qwen3-architecture model that ships inside the package and is served by default.
 
-Trained here from scratch (`mixquant.tiny.train`) on the seeded synthetic agentic tasks of `mixquant.tiny.tasks`,
-with its own tokenizer (`mixquant.tiny.tokenizer`). See checkpoint/README.md for what it can do.
+Trained from scratch on the seeded synthetic agentic tasks of `mixquant.tiny.tasks`, with its own tokenizer, by the
+repository's training/ folder (not installed with the package). See checkpoint/README.md for what it can do.
 """
 from __future__ import annotations
 

@@ -46,8 +46,7 @@ def _merge(base: dict, overrides: dict) -> dict:
 
 
 def load_config(path: Path, hf_overrides: dict | None = None):
-    """config.json with `hf_overrides` merged in before the config object is built (as `vllm serve --hf-overrides`);
-    of a multimodal checkpoint, its text config.
+    """config.json with `hf_overrides` merged in before the config object is built (as `vllm serve --hf-overrides`).
 
     A `rope_scaling` override on a checkpoint written in the newer `rope_parameters` layout is merged into
     `rope_parameters`, so `rope_theta` survives (YaRN on Qwen3: {"rope_scaling": {"rope_type": "yarn", ...}}).
@@ -63,13 +62,20 @@ def load_config(path: Path, hf_overrides: dict | None = None):
     model_type = raw.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"{config_file}: unknown model_type {model_type!r}")
-    config = CONFIG_MAPPING[model_type].from_dict(raw)
-    text = config.get_text_config()
-    if text is not config:
-        # a multimodal checkpoint served text-only (Gemma 4): the engine reads its language model's config, under
-        # the checkpoint's architecture (which names the checkpoint's tensor layout) and dtype
-        text.architectures = config.architectures
-        text.dtype = text.dtype or config.dtype
+    return decoder_config(CONFIG_MAPPING[model_type].from_dict(raw))
+
+
+def decoder_config(config):
+    """The config of the text decoder the engine runs: a multimodal checkpoint's text_config (Qwen3.5's, served
+    text-only), which takes the checkpoint's architecture, dtype and embedding tying (transformers ties by the
+    top-level value); any other config as it is."""
+    text = config.get_text_config(decoder=True)
+    if text is config:
+        return config
+    text.architectures = config.architectures
+    text.tie_word_embeddings = config.tie_word_embeddings
+    if getattr(text, "dtype", None) is None:
+        text.dtype = getattr(config, "dtype", None)
     return text
 
 

@@ -104,3 +104,14 @@ def test_weights_and_attention_of_the_gemma4_shapes():
     full = h * (heads + 2) * 512 + heads * 512 * h + moe
     assert linear_params(config) == 25 * sliding + 5 * full
     assert 3.5e9 < linear_params(config) + 262144 * h < 4.5e9
+
+
+def test_structured_command(tiny_qwen3, tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "structured", "--model", str(tiny_qwen3), "--pairs", "bf16/bf16", "--batch", "4",
+                 "--fractions", "0,0.5,1", "--context", "16", "--steps", "2", "--output-dir", str(out)]) == 0
+    rows = json.loads((out / "structured.json").read_text())["rows"]
+    assert [r["notes"]["constrained_rows"] for r in rows] == [0, 2, 4]
+    assert all(r["tokens_per_s"] > 0 and r["batch"] == 4 for r in rows)
+    assert rows[0]["notes"]["mask_fill_ms"] == 0 and all(r["notes"]["mask_fill_us_per_row"] > 0 for r in rows[1:])
+    assert [r["notes"]["unconstrained_row_loss"] is not None for r in rows] == [False, True, False]

@@ -116,3 +116,14 @@ def test_checkpoint_prefixes_map_and_drop_names(tiny_qwen3, tmp_path, monkeypatc
     for (name, a), (_, b) in zip(nested_llm.engine.runner.model.named_parameters(),
                                  plain.engine.runner.model.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_kv_cache_smaller_than_one_sequence_is_refused(tiny_qwen3):
+    """A sequence that outgrows the whole cache would preempt itself to grow, forever: refused at start-up."""
+    with pytest.raises(ValueError, match="KV cache holds 48 tokens, fewer than max_model_len=1024"):
+        LLM(str(tiny_qwen3), device="cpu", dtype="float32", block_size=4, num_kv_blocks=12)
+    llm = LLM(str(tiny_qwen3), device="cpu", dtype="float32", block_size=4, num_kv_blocks=12, max_model_len=48)
+    result = llm.generate("a prompt that grows to the end of the cache",
+                          SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False)[0]
+    assert result.outputs[0].finish_reason == "length"
+    assert len(result.prompt_token_ids) + len(result.outputs[0].token_ids) == 48

@@ -16,7 +16,7 @@ from mixquant.engine.kv_cache import KVCacheLayout
 from mixquant.engine.sequence import Sequence
 from mixquant.layers.attention import Attention
 from mixquant.layers.linear import Linear
-from mixquant.models.gemma4 import Gemma4ForConditionalGeneration
+from mixquant.models.gemma4 import Gemma4ForCausalLM
 from mixquant.quantization import compressed_tensors as ct
 from mixquant.quantization.expert_methods import BF16Experts, FP8Experts, NVFP4Experts
 from tests.conftest import TINY_GEMMA4
@@ -58,7 +58,7 @@ def test_greedy_batched_chunked_preempted_and_cached(gemma4):
     runs = {
         "batched": _llm(gemma4, block_size=4),
         "chunked": _llm(gemma4, block_size=4, max_num_batched_tokens=5, enable_prefix_caching=False),
-        "preempted": _llm(gemma4, block_size=4, num_kv_blocks=24, max_num_batched_tokens=8,
+        "preempted": _llm(gemma4, block_size=4, num_kv_blocks=24, max_num_batched_tokens=8, max_model_len=56,
                           enable_prefix_caching=False),
     }
     for name, llm in runs.items():
@@ -86,7 +86,7 @@ def test_fp8_prefill_attention_leaves_gemma4_in_the_model_dtype(tiny_gemma4):
     runner.config.prefill_attention, runner.config.fp8_attention_min_tokens = "fp8-cudnn", 7168
     runner._check_fp8_prefill_attention()
     assert (runner.config.prefill_attention, runner.config.fp8_attention_min_tokens) == ("bf16", 0)
-    runner.config.prefill_attention, runner.config.prefill_attention_auto = "fp8", False
+    runner.config.prefill_attention = runner.config.prefill_attention_requested = "fp8"
     with pytest.raises(ValueError, match=r"prefill_attention='fp8' cannot run: .*\(16, 8\), \(32, None\)"):
         runner._check_fp8_prefill_attention()
 
@@ -108,7 +108,7 @@ def test_text_only_serving_skips_the_towers_and_reads_a_text_checkpoint_alike(ti
     Gemma4ForCausalLM checkpoint load into the same parameters and match transformers' Gemma4ForCausalLM."""
     with caplog.at_level(logging.INFO, logger="mixquant.models.loader"):
         multimodal = _llm(tiny_gemma4)
-    assert isinstance(multimodal.engine.runner.model, Gemma4ForConditionalGeneration)
+    assert isinstance(multimodal.engine.runner.model, Gemma4ForCausalLM)
     assert "skipped" in caplog.text and "model.vision_tower." in caplog.text
     config = json.loads((tiny_gemma4 / "config.json").read_text())
     text_config = {**config["text_config"], "architectures": ["Gemma4ForCausalLM"], "dtype": "float32"}
@@ -173,15 +173,15 @@ def test_prefix_hits_need_only_the_window_before_them(tiny_gemma4):
     is what transformers computes."""
     ref = hf_model(tiny_gemma4)
     # 52 units: with 54 or more nothing the first request cached is reused, with 48 or fewer all of it
-    llm = _llm(tiny_gemma4, block_size=4, num_kv_blocks=52, max_num_batched_tokens=16)
+    llm = _llm(tiny_gemma4, block_size=4, num_kv_blocks=52, max_num_batched_tokens=16, max_model_len=128)
     prompt = PROMPTS[2] + PROMPTS[1]  # 47 tokens
     first = llm.generate(prompt, GREEDY, use_tqdm=False)[0]  # computes 54 of its 55 tokens
     llm.generate(list(range(2000, 2030)), GREEDY, use_tqdm=False)
     longer = prompt + first.outputs[0].token_ids + list(range(3000, 3010))
 
     def cached_tokens(token_ids: list[int]) -> int:  # the hit a new sequence would get (looked up, not allocated)
-        hits, _ = llm.engine.block_manager._cached_prefix(Sequence("probe", 0, token_ids, GREEDY))
-        return len(hits) * 4
+        bm = llm.engine.block_manager
+        return bm._hit_length(*bm._cached_prefix(Sequence("probe", 0, token_ids, GREEDY))) * 4
 
     assert cached_tokens(prompt) == 0  # would need blocks 9 and 10 of the sliding layers: reused
     assert cached_tokens(longer) == 52  # needs blocks 11 and 12: still cached, as are the full layer's 0 .. 12
@@ -216,7 +216,7 @@ def _full_layer_keys(llm, seq_id: str, positions: int) -> torch.Tensor:
     """The full-attention layer's cached K of a request's first positions (its blocks are never released)."""
     engine = llm.engine
     seq = engine.requests[seq_id].seqs[0]
-    cache = next(t for t in engine.runner.kv_cache_tensors() if t.layer.window is None).key
+    cache = next(t for t in engine.runner.kv_cache_layers() if t.layer.window is None).key
     pos = torch.arange(positions)
     return cache[torch.tensor(seq.block_table)[pos // 4], pos % 4].clone()
 

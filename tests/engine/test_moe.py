@@ -78,7 +78,8 @@ def test_greedy_single_batched_chunked_cached_and_preempted(tiny_qwen3_moe):
     runs = {
         "batched": _llm(tiny_qwen3_moe, block_size=4),
         "chunked": _llm(tiny_qwen3_moe, max_num_batched_tokens=5, enable_prefix_caching=False),
-        "preempted": _llm(tiny_qwen3_moe, block_size=4, num_kv_blocks=10, enable_prefix_caching=False),
+        "preempted": _llm(tiny_qwen3_moe, block_size=4, num_kv_blocks=10, max_model_len=40,
+                          enable_prefix_caching=False),
     }
     for name, llm in runs.items():
         outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
@@ -167,27 +168,3 @@ def test_prompt_kv_comes_from_quantized_experts(tiny_qwen3_moe, precision):
     torch.testing.assert_close(kvs[0][layer0], kvs[2][layer0], rtol=0, atol=0)  # attention alone: BF16
     torch.testing.assert_close(kvs[0], kvs[1], rtol=0, atol=0)
     assert (kvs[0][layer1] - kvs[2][layer1]).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
-def test_emitted_tokens_come_from_bf16_experts(tiny_qwen3_moe, precision):
-    """A low-precision prefill's KV decoded by a BF16 engine gives what the mixed engine gives: so every emitted
-    token ran through BF16 experts."""
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
-    mixed = _llm(tiny_qwen3_moe, precision, "bf16", block_size=4)
-    prompt = _prompt(mixed)
-    mixed.engine.add_request("r", prompt, SamplingParams(max_tokens=2, ignore_eos=True))
-    mixed.engine.step()
-    exported = mixed.engine.export_kv("r")
-    mixed.engine.abort_request("r")
-    expected = mixed.generate(prompt, params, use_tqdm=False)[0].outputs[0]
-    decoder = _llm(tiny_qwen3_moe, "bf16", "bf16", block_size=4)
-    decoder.engine.add_request_with_kv("d", prompt, params, exported)
-    outputs = []
-    while decoder.engine.has_unfinished_requests():
-        outputs += decoder.engine.step()
-    got = outputs[-1].outputs[0]
-    assert got.token_ids == expected.token_ids
-    for ours, theirs in zip(got.logprobs, expected.logprobs):
-        for token in ours:
-            assert ours[token].logprob == pytest.approx(theirs[token].logprob, abs=1e-5)

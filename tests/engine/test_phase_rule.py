@@ -133,10 +133,13 @@ def test_prompt_kv_is_the_low_precision_kv(tiny_qwen3, precision):
     assert (kvs[0] - kvs[2]).abs().max() > 1e-3  # and it is not the high-precision KV
 
 
+@pytest.mark.parametrize("model", ["tiny_qwen3", "tiny_qwen3_moe"])
 @pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
-def test_emitted_tokens_come_from_decode_precision_over_low_precision_kv(tiny_qwen3, precision):
-    """Mix-Quant's pipeline by hand: a low-precision prefill exports its KV, a BF16 engine decodes over it."""
-    mixed = _llm(tiny_qwen3, precision, "bf16")
+def test_emitted_tokens_come_from_decode_precision_over_low_precision_kv(request, model, precision):
+    """Mix-Quant's pipeline by hand: a low-precision prefill exports its KV, a BF16 engine decodes over it (so with
+    experts, every emitted token ran through BF16 experts)."""
+    path = request.getfixturevalue(model)
+    mixed = _llm(path, precision, "bf16")
     prompt = _prompt(mixed)
     mixed.engine.add_request("r", prompt, SamplingParams(max_tokens=2, ignore_eos=True))
     mixed.engine.step()  # prefill done, first token emitted, request still live
@@ -144,7 +147,7 @@ def test_emitted_tokens_come_from_decode_precision_over_low_precision_kv(tiny_qw
     mixed.engine.abort_request("r")
     expected = mixed.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0]
 
-    decoder = _llm(tiny_qwen3, "bf16", "bf16")
+    decoder = _llm(path, "bf16", "bf16")
     decoder.engine.add_request_with_kv("d", prompt, GREEDY, exported)
     outputs = []
     while decoder.engine.has_unfinished_requests():

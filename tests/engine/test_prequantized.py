@@ -16,14 +16,18 @@ from mixquant.quantization.linear_methods import FP8Method, NVFP4Method
 from .helpers import engine_prompt_logits
 
 
-@pytest.fixture(scope="module")
-def quantized(tiny_qwen3, tmp_path_factory):
+def quantize_both(model, tmp_path_factory) -> dict:
+    """`mixquant quantize` of `model` to each scheme: scheme -> checkpoint folder."""
     out = {}
     for scheme in ("nvfp4", "fp8"):
-        path = tmp_path_factory.mktemp(f"tiny-{scheme}")
-        assert main(["quantize", str(tiny_qwen3), str(path), "--scheme", scheme, "--device", "cpu"]) == 0
-        out[scheme] = path
+        out[scheme] = tmp_path_factory.mktemp(f"{model.name}-{scheme}")
+        assert main(["quantize", str(model), str(out[scheme]), "--scheme", scheme, "--device", "cpu"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_qwen3, tmp_path_factory):
+    return quantize_both(tiny_qwen3, tmp_path_factory)
 
 
 def test_quantized_checkpoint_layout(tiny_qwen3, quantized):
@@ -117,12 +121,7 @@ def test_down_proj_input_scale_is_calibrated_on_its_real_input(tiny_qwen3, quant
 
 @pytest.fixture(scope="module")
 def quantized_moe(tiny_qwen3_moe, tmp_path_factory):
-    out = {}
-    for scheme in ("nvfp4", "fp8"):
-        path = tmp_path_factory.mktemp(f"tiny-moe-{scheme}")
-        assert main(["quantize", str(tiny_qwen3_moe), str(path), "--scheme", scheme, "--device", "cpu"]) == 0
-        out[scheme] = path
-    return out
+    return quantize_both(tiny_qwen3_moe, tmp_path_factory)
 
 
 @pytest.mark.parametrize("scheme", ["nvfp4", "fp8"])

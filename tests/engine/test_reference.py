@@ -67,7 +67,7 @@ def test_chunked_prefill_matches(tiny_qwen3):
 
 def test_preemption_by_recompute_matches(tiny_qwen3):
     # 6 blocks of 4 tokens cannot hold four growing sequences at once: the scheduler must preempt and recompute
-    llm = _llm(tiny_qwen3, block_size=4, num_kv_blocks=12, enable_prefix_caching=False)
+    llm = _llm(tiny_qwen3, block_size=4, num_kv_blocks=12, max_model_len=48, enable_prefix_caching=False)
     ref = hf_model(tiny_qwen3)
     tok = llm.get_tokenizer()
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)

@@ -6,7 +6,9 @@ import json
 import pytest
 
 from mixquant.cli import main
+from mixquant.fidelity.cli import DEFAULT_MAX_TOKENS, default_max_tokens
 from mixquant.fidelity.run import is_correct
+from mixquant.tiny import tasks
 
 PROMPTS = [{"prompt": "Records: id 1 value 7, id 2 value 9. Value of id 2?", "answer": "9"},
            {"prompt": "Compute 2 + 2 and box it.", "answer": "4"},
@@ -44,7 +46,12 @@ def test_fidelity_against_bf16(tiny_qwen3, prompts_file, tmp_path, capsys):
     assert (out / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "fidelity.md").read_text()
     assert "| fp8/bf16 | all | 3 |" in table and "| bf16/bf16 | all | 3 | 0 | 0 | 1.000 | 6.0 |" in table
-    assert table.strip() in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert table.strip() in captured.out
+    # a random model never reaches an answer in 6 tokens: the table and stderr say so instead of a silent 0
+    assert ref["accuracy"] == 0 and ref["accuracy_cut_off"] == 2
+    warning = "bf16/bf16 all: 2 of 2 graded generations reached the 6-token limit before an answer"
+    assert warning in table and f"mixquant fidelity: warning: {warning}" in captured.err
 
 
 def test_buckets_tasks_and_default_reference(tiny_qwen3, tmp_path):
@@ -88,6 +95,11 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys, content, argv, message
     assert main(["fidelity", str(tmp_path / "no-model"), "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mixquant fidelity: ") and message in err
+
+
+def test_the_tiny_task_set_brings_its_own_budget():
+    assert default_max_tokens("tiny") == tasks.MAX_REPLY_TOKENS > DEFAULT_MAX_TOKENS
+    assert default_max_tokens(None) == default_max_tokens("tasks.jsonl") == DEFAULT_MAX_TOKENS
 
 
 def test_accuracy_rule():

@@ -14,6 +14,7 @@ import openai
 import pytest
 import uvicorn
 
+from mixquant import tiny
 from mixquant.config import EngineConfig
 from mixquant.engine.llm_engine import LLMEngine
 from mixquant.server.app import build_app
@@ -90,6 +91,16 @@ def running_server(engine, config: ServerConfig) -> Iterator[RunningServer]:
 def server(tiny_qwen3) -> Iterator[RunningServer]:
     """The shared server: real engine, Qwen3 reasoning and hermes tool parsers, an API key."""
     with running_server(tiny_engine(tiny_qwen3), server_config(tiny_qwen3)) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def bundled_server() -> Iterator[RunningServer]:
+    """The bundled mixquant-tiny (a model that writes tool calls and answers, which random weights never do) with the
+    Qwen3 reasoning and hermes tool parsers and no API key."""
+    path = tiny.bundled_model_path()
+    config = server_config(path, served_model_names=[tiny.NAME], api_key=None)
+    with running_server(tiny_engine(path), config) as running:
         yield running
 
 

@@ -71,8 +71,8 @@ CASES = {
     "tool_choice naming an unknown function": Case("/v1/chat/completions", chat(
         tools=[TOOL], tool_choice={"type": "function", "function": {"name": "nope"}}), 400, "'nope'"),
     "tool_choice without tools": Case("/v1/chat/completions", chat(tool_choice="required"), 400, "no tools"),
-    "response_format json_schema": Case("/v1/chat/completions", chat(
-        response_format={"type": "json_schema", "json_schema": {"name": "x"}}), 400, "constrained decoding"),
+    "response_format json_schema without a schema": Case("/v1/chat/completions", chat(
+        response_format={"type": "json_schema", "json_schema": {"name": "x"}}), 400, "json_schema.schema"),
     "invalid JSON": Case("/v1/completions", b'{"prompt": "Hi",', 400, "not valid JSON"),
     "non-UTF-8 bytes": Case("/v1/completions", b'{"prompt": "caf\xe9 \xff"}', 400, "not valid UTF-8"),
     "body over the size limit": Case("/v1/completions", completion(prompt="x" * (2 << 20)), 413, "at most 1048576"),

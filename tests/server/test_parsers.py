@@ -1,4 +1,5 @@
-"""The qwen3 and gemma4 reasoning parsers and the hermes / gemma4 / named-function tool parsers on scripted outputs.
+"""The qwen3 and gemma4 reasoning parsers and the hermes / qwen3_coder / gemma4 tool parsers on scripted model
+outputs.
 
 Each case is parsed whole (non-streamed) and as a stream: cut at every character and at the real tokenizer's token
 boundaries, with the deltas the server would send put back together. Both must give the same message.
@@ -18,11 +19,12 @@ from mixquant.server.parsers import (
     Gemma4ReasoningParser,
     Gemma4ToolParser,
     HermesToolParser,
-    NamedFunctionParser,
     ParsedOutput,
     ParsedToolCall,
+    Qwen3CoderToolParser,
     Qwen3ReasoningParser,
 )
+from mixquant.server.protocol import ToolDefinition
 from tests.data import qwen3_tokenizer
 
 WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
@@ -30,6 +32,19 @@ TIME_CALL = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</
 WEATHER = ParsedToolCall("get_weather", json.dumps({"city": "Paris", "unit": "celsius"}))
 TIME = ParsedToolCall("get_time", json.dumps({"zone": "CET"}))
 MALFORMED_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>'
+# Qwen3.5's XML calls: every value is text, typed by the request's tool schema
+XML_WEATHER_CALL = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=unit>\n"
+                    "celsius\n</parameter>\n</function>\n</tool_call>")
+XML_TOOLS = [ToolDefinition.model_validate({"type": "function", "function": {
+    "name": "plan", "parameters": {"type": "object", "properties": {
+        "days": {"type": "integer"}, "budget": {"type": "number"}, "ok": {"type": "boolean"},
+        "stops": {"type": "array"}, "code": {"type": "string"}, "note": {"type": ["string", "null"]}}}}})]
+XML_PLAN_CALL = ("<tool_call>\n<function=plan>\n<parameter=days>\n3\n</parameter>\n<parameter=budget>\n12.5\n"
+                 "</parameter>\n<parameter=ok>\ntrue\n</parameter>\n<parameter=stops>\n[\"Lyon\", \"Nice\"]\n"
+                 "</parameter>\n<parameter=code>\n007\n</parameter>\n<parameter=note>\nline one\nline two\n"
+                 "</parameter>\n<parameter=extra>\n5\n</parameter>\n</function>\n</tool_call>")
+PLAN = ParsedToolCall("plan", json.dumps({"days": 3, "budget": 12.5, "ok": True, "stops": ["Lyon", "Nice"],
+                                          "code": "007", "note": "line one\nline two", "extra": "5"}))
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +83,7 @@ def check(parser: ChatOutputParser, text: str, expected: ParsedOutput, tokenizer
 REASONING = ChatOutputParser(Qwen3ReasoningParser())
 HERMES = ChatOutputParser(tools=HermesToolParser())
 BOTH = ChatOutputParser(Qwen3ReasoningParser(), HermesToolParser())
+XML = ChatOutputParser(Qwen3ReasoningParser(), Qwen3CoderToolParser(XML_TOOLS))
 
 CASES = {
     "reasoning then answer": (
@@ -111,20 +127,24 @@ CASES = {
         BOTH, f"<think>{WEATHER_CALL}</think>No call.", ParsedOutput(WEATHER_CALL, "No call.")),
     "truncated while thinking, before any call": (
         BOTH, f"<think>\nmaybe {WEATHER_CALL}", ParsedOutput(f"\nmaybe {WEATHER_CALL}", "")),
-    "named function: bare arguments": (
-        ChatOutputParser(tools=NamedFunctionParser("get_weather")), '{"city": "Paris", "unit": "celsius"}',
-        ParsedOutput("", "", [WEATHER])),
-    "named function: name and arguments": (
-        ChatOutputParser(tools=NamedFunctionParser("get_time")), '{"name": "get_time", "arguments": {"zone": "CET"}}',
-        ParsedOutput("", "", [TIME])),
-    "named function: arguments that have a name field": (
-        ChatOutputParser(tools=NamedFunctionParser("greet")), '{"name": "Ada"}',
-        ParsedOutput("", "", [ParsedToolCall("greet", '{"name": "Ada"}')])),
-    "named function: a hermes block": (
-        ChatOutputParser(tools=NamedFunctionParser("get_weather")), WEATHER_CALL, ParsedOutput("", "", [WEATHER])),
-    "named function: prose stays content": (
-        ChatOutputParser(Qwen3ReasoningParser(), NamedFunctionParser("get_weather")),
-        "<think>hm</think>I cannot call it.", ParsedOutput("hm", "I cannot call it.")),
+    "xml call after reasoning closed by the template's think tag": (
+        XML, f"I need the weather.\n</think>\n\n{XML_WEATHER_CALL}",
+        ParsedOutput("I need the weather.\n", "", [WEATHER])),
+    "xml call typed by the tool schema; unknown parameters stay text": (
+        XML, f"</think>{XML_PLAN_CALL}", ParsedOutput("", "", [PLAN])),
+    "xml call opened while thinking ends the reasoning": (
+        XML, f"Checking.\n{XML_WEATHER_CALL}", ParsedOutput("Checking.\n", "", [WEATHER])),
+    "two xml calls, text between": (
+        XML, f"</think>One.\n{XML_WEATHER_CALL}\nand {XML_PLAN_CALL}",
+        ParsedOutput("", "One.\n\nand ", [WEATHER, PLAN])),
+    "xml block without a function stays content": (
+        XML, "</think>See <tool_call>\nnothing\n</tool_call>",
+        ParsedOutput("", "See <tool_call>\nnothing\n</tool_call>")),
+    "unterminated xml call counts at the end": (
+        XML, "</think><tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n",
+        ParsedOutput("", "", [ParsedToolCall("get_weather", '{"city": "Paris"}')])),
+    "a json tool call is no xml call": (
+        XML, f"</think>{WEATHER_CALL}", ParsedOutput("", WEATHER_CALL)),
 }
 
 

@@ -95,14 +95,6 @@ def test_malformed_tool_json_is_returned_as_content(scripted, stream):
     assert content == script and not calls and finish_reason == "stop"
 
 
-def test_named_tool_choice_takes_bare_arguments(scripted):
-    choice = ask(scripted, '{"city": "Paris"}',
-                 tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0]
-    [call] = choice.message.tool_calls
-    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
-    assert choice.finish_reason == "stop"  # as vLLM answers a named function call
-
-
 def test_tool_choice_none_leaves_calls_in_content(scripted):
     choice = ask(scripted, CALL, tool_choice="none").choices[0]
     assert choice.message.content == CALL and not choice.message.tool_calls

@@ -14,10 +14,10 @@ import torch
 
 from mixquant import LLM, tiny
 from mixquant.tiny import bundled_model_path, tasks
-from mixquant.tiny.evaluate import evaluate, prompt_ids
 from mixquant.utils.hf import resolve_model_path
 from tests.engine.helpers import engine_prompt_logits, hf_model
 from tests.server.conftest import free_port, running_server, server_config, tiny_engine
+from training.evaluate import evaluate, prompt_ids
 
 # Correct answers out of HELDOUT greedy held-out examples that the test requires. A randomly initialised model of
 # the same shape answered 0 of 16 (it never writes the answer sentences); measured rates: docs/tiny-model.md.
@@ -54,9 +54,12 @@ def test_engine_matches_transformers_on_the_bundled_model(llm):
 
 
 def test_bundled_model_answers_heldout_tasks(llm):
-    result = evaluate(llm, [e for task in tasks.TASKS for e in tasks.heldout(task, HELDOUT)])
+    examples = [e for task in tasks.TASKS for e in tasks.heldout(task, HELDOUT)]
+    result = evaluate(llm, examples, max_tokens=tasks.MAX_REPLY_TOKENS)
     correct = {task: buckets["all"][0] for task, buckets in result["by_task"].items()}
     assert all(correct[task] >= REQUIRED[task] for task in tasks.TASKS), (correct, result["failures"])
+    # every answer ends within the budget that `mixquant fidelity --tasks tiny` gives it (6-step arithmetic included)
+    assert result["cut_off"] == 0
 
 
 def test_tool_call_and_boxed_answer_through_the_chat_endpoint():

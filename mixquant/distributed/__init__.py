@@ -1,0 +1,1 @@
+"""Serving across processes: KV cache transfer between a prefill and a decode instance."""
