@@ -13,6 +13,8 @@ import torch
 from transformers import AutoTokenizer
 
 from mixquant.config import EngineConfig, Phase, phase_boundary, resolve_dtype
+from mixquant.distributed.executor import MultiprocExecutor
+from mixquant.distributed.parallel_state import check_no_tensor_parallel_engine
 from mixquant.engine.block_manager import BlockManager
 from mixquant.engine.model_runner import ModelRunner
 from mixquant.engine.scheduler import ScheduledBatch, Scheduler
@@ -37,6 +39,7 @@ class Request:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        check_no_tensor_parallel_engine()
         self.config = config
         self.model_path = resolve_model_path(config.model, config.revision)
         self.hf_config = load_config(self.model_path, config.hf_overrides)
@@ -45,7 +48,10 @@ class LLMEngine:
         self.tokenizer = None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(
             str(resolve_model_path(config.tokenizer, config.revision)) if config.tokenizer else str(self.model_path))
         self.generation_defaults, self.eos_token_ids = self._generation_config()
-        self.runner = ModelRunner(config, self.hf_config, self.dtype, self.max_model_len)
+        if config.tensor_parallel_size == 1:
+            self.runner = ModelRunner(config, self.hf_config, self.dtype, self.max_model_len)
+        else:  # the same interface, over one process per rank
+            self.runner = MultiprocExecutor(config, self.hf_config, self.dtype, self.max_model_len)
         self._reset_state()
         if config.device_obj.type == "cuda":
             self.warm_up()
@@ -75,6 +81,16 @@ class LLMEngine:
         while self.has_unfinished_requests():
             self.step()
         self._reset_state()
+
+    def close(self):
+        """Stops the ranks of a tensor-parallel engine (a collected engine stops them too); nothing at size 1."""
+        if self.config.tensor_parallel_size > 1:
+            self.runner.shutdown()
+
+    @property
+    def failure(self) -> Exception | None:
+        """Why this engine cannot run any more (a tensor-parallel rank died), or None."""
+        return self.runner.failure if self.config.tensor_parallel_size > 1 else None
 
     def _max_model_len(self) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 4096
