@@ -203,6 +203,7 @@ class MultiprocExecutor:
     def collective_rpc(self, method: str, *args, gather: bool = False):
         """Runs Worker.`method`(*args) on every rank; returns the driver's result, or every rank's if `gather`."""
         if self.failure is not None:
+            self.shutdown()  # where the watchdog found the death: the group is left here, not from its thread
             raise self.failure
         if self._closing:
             raise RuntimeError("this tensor-parallel engine has been closed")
@@ -236,7 +237,9 @@ class MultiprocExecutor:
     def record_death(self, when: str = ""):
         """Fails the engine with the first worker found dead, if it has not failed already."""
         with self._lock:
-            dead = next((rank for rank, p in enumerate(self.workers, start=1) if not p.is_alive()), None)
+            # a sentinel is ready once the process has exited, which can be before it can be reaped (is_alive)
+            exited = multiprocessing.connection.wait([p.sentinel for p in self.workers], timeout=0)
+            dead = next((rank for rank, p in enumerate(self.workers, start=1) if p.sentinel in exited), None)
             if self.failure is None and dead is not None:
                 self.failure = WorkerDiedError(f"{self._describe_death(dead)}{when}; the engine has stopped")
                 logger.error("%s", self.failure)
@@ -248,8 +251,11 @@ class MultiprocExecutor:
         how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
                else f"exited with code {code}")
         report = self._reports[rank - 1]
-        if report.poll():
-            trace = report.recv()
+        try:  # the worker's traceback, where it raised; a killed one said nothing (end of file)
+            trace = report.recv() if report.poll(DEATH_NOTICE_S) else None
+        except EOFError:
+            trace = None
+        if trace:
             logger.error("tensor-parallel rank %d failed:\n%s", rank, trace)
             how += f" after {trace.strip().splitlines()[-1]}"
         return f"tensor-parallel rank {rank} (pid {process.pid}) {how}"
