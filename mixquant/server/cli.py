@@ -81,6 +81,8 @@ def register(subparsers):
     engine.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                         help="dummy: random weights in the checkpoint's shapes (benchmarks)")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                        help="split the model over N GPUs (CPU processes with --device cpu), one process each")
     p.set_defaults(func=serve)
 
 
@@ -113,7 +115,8 @@ def run_server(args, chat_template: str | None) -> int:
         device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, hf_overrides=args.hf_overrides, seed=args.seed,
-        load_format=args.load_format, enforce_eager=args.enforce_eager))
+        load_format=args.load_format, enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size))
     config = ServerConfig(
         served_model_names=args.served_model_name or [args.model], model_path=str(engine.model_path),
         api_key=args.api_key, chat_template=chat_template,
@@ -130,7 +133,10 @@ def run_server(args, chat_template: str | None) -> int:
     # installed before it. Leaving a no-op one there makes that graceful shutdown end with exit code 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    try:
+        server.run()
+    finally:
+        engine.close()  # the ranks of a tensor-parallel engine stop with the server
     return 0
 
 
@@ -141,7 +147,9 @@ def startup_line(engine, config, host: str, port: int) -> str:
     attention, min_tokens = engine.config.prefill_attention, engine.config.fp8_attention_min_tokens
     attention = (f" | prefill attention {attention}{f' from {min_tokens:,} tokens' if min_tokens else ''}"
                  if attention != "bf16" else "")
-    return (f"mixquant serve: {names} ({config.model_path}) | prefill {precisions['prefill_precision']} "
+    ranks = engine.config.tensor_parallel_size
+    parallel = f" | tensor parallel {ranks}" if ranks > 1 else ""
+    return (f"mixquant serve: {names} ({config.model_path}){parallel} | prefill {precisions['prefill_precision']} "
             f"({precisions['prefill_kernels']}){attention} | decode {precisions['decode_precision']} "
             f"({precisions['decode_kernels']}) | {nvfp4} | KV cache {engine.kv_cache_tokens():,} tokens | "
             f"max_model_len {engine.max_model_len} | http://{host}:{port}/v1")
