@@ -168,11 +168,6 @@ class MultiprocExecutor:
     def num_blocks(self) -> int:
         return self.worker.runner.num_blocks
 
-    @property
-    def model(self):
-        """Rank 0's part of the model (every rank's has the same shapes)."""
-        return self.worker.runner.model
-
     def prepare(self, batch) -> StepInputs:
         return self.worker.runner.prepare(batch, device=torch.device("cpu"))  # broadcast from the host
 

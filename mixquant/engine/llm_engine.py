@@ -82,6 +82,12 @@ class LLMEngine:
             self.step()
         self._reset_state()
 
+    @property
+    def model_runner(self) -> ModelRunner:
+        """This process's ModelRunner, for inspection (its model, graphs, KV layout): rank 0's under tensor
+        parallelism, where steps go through self.runner, which runs them on every rank."""
+        return self.runner if self.config.tensor_parallel_size == 1 else self.runner.worker.runner
+
     def close(self):
         """Stops the ranks of a tensor-parallel engine (a collected engine stops them too); nothing at size 1."""
         if self.config.tensor_parallel_size > 1:

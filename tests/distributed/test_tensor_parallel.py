@@ -112,7 +112,7 @@ def _rank0_part(tensor: torch.Tensor, split: str, sizes: list[int], whole: list[
 
 def _method_parts(engines) -> list[tuple[str, object, object, str, list[int], list[bool]]]:
     """(name, one device's method, rank 0's method, how its input dim is split, fused shard sizes, replicated)."""
-    one, two = engines.one.engine.runner.model.model.layers, engines.two.engine.runner.model.model.layers
+    one, two = engines.one.engine.model_runner.model.model.layers, engines.two.engine.model_runner.model.model.layers
     kv = 16 if engines.model == "moe" else 32  # one KV head of 16 (held by both ranks) or two (one each)
     parts = [("qkv_proj", one[1].self_attn.qkv_proj.prefill_method, two[1].self_attn.qkv_proj.prefill_method,
               "rows", [64, kv, kv], [False, kv == 16, kv == 16]),
@@ -143,7 +143,7 @@ def test_rank0_holds_exactly_its_part_of_every_weight_in_every_precision(engines
             how = split if split == "rows" or has_input_dim else "none"
             expected = _rank0_part(getattr(ours, tensor), how, sizes, whole)
             assert torch.equal(getattr(theirs, tensor).view(torch.uint8), expected.view(torch.uint8)), (name, tensor)
-    one, two = engines.one.engine.runner.model, engines.two.engine.runner.model
+    one, two = engines.one.engine.model_runner.model, engines.two.engine.model_runner.model
     vocab = one.config.vocab_size
     assert two.lm_head.weight.shape[0] == vocab // 2
     assert torch.equal(two.lm_head.weight, one.lm_head.weight[:vocab // 2])
