@@ -3,6 +3,7 @@ process behind; a server of one answers 503 once a rank is gone, and `mixquant s
 SIGTERM."""
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
@@ -59,6 +60,15 @@ def test_a_shape_that_cannot_be_split_names_the_layer_and_sizes(tiny_qwen3, tmp_
     started = [p.pid for p in psutil.Process().children(recursive=True)
                if p not in children_before and "resource_tracker" not in " ".join(p.cmdline())]
     _assert_no_process_left(started)
+
+
+def test_an_engine_dropped_without_close_stops_its_ranks(tiny_qwen3):
+    llm = LLM(str(tiny_qwen3), dtype="float32", device="cpu", tensor_parallel_size=2)
+    assert llm.generate("fine", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    pids = _workers(llm.engine)
+    del llm
+    gc.collect()
+    _assert_no_process_left(pids)
 
 
 def test_a_worker_killed_while_idle_fails_the_engine_naming_it(tiny_qwen3):
