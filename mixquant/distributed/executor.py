@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 import weakref
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -147,8 +148,8 @@ class MultiprocExecutor:
             self._wait_for_workers(store)
             parallel_state.init_tensor_parallel(store, 0, size, config.device_obj)
             self.worker = Worker(ModelRunner(config, hf_config, dtype, max_model_len))
-        except Exception as e:
-            raise self._stop_after(e, "while the engine started") from e
+        except BaseException as e:
+            self._raise_after(e, "while the engine started")
         # holds no reference to the executor, which may then be collected (and its ranks stopped) while it waits
         threading.Thread(target=_watch, args=(weakref.ref(self), self.workers), name="mixquant-tp-watchdog",
                          daemon=True).start()
@@ -193,7 +194,7 @@ class MultiprocExecutor:
     def write_kv_blocks(self, block_ids: list[int], data: torch.Tensor):
         self.collective_rpc("write_kv_blocks", block_ids, data.cpu())
 
-    # ---- calls on every rank ------------------------------------------------------------------------------------------
+    # ---- calls on every rank -----------------------------------------------------------------------------------------
 
     def collective_rpc(self, method: str, *args, gather: bool = False):
         """Runs Worker.`method`(*args) on every rank; returns the driver's result, or every rank's if `gather`."""
@@ -211,15 +212,15 @@ class MultiprocExecutor:
             results = [None] * (len(self.workers) + 1)
             dist.gather_object(result, results, dst=0, group=group)
             return results
-        except Exception as e:
-            raise self._stop_after(e, f"during {method}") from e
+        except BaseException as e:  # Ctrl-C too: the ranks are out of step now
+            self._raise_after(e, f"during {method}")
 
-    # ---- failure and shutdown -------------------------------------------------------------------------------------------
+    # ---- failure and shutdown ----------------------------------------------------------------------------------------
 
-    def _stop_after(self, error: Exception, when: str) -> Exception:
-        """Stops every rank after a call failed on the driver; returns what to raise: the death of a worker where one
-        died (a collective fails when a peer is lost), else the driver's own error."""
-        if isinstance(error, RuntimeError):  # as collectives fail: give a dying peer the time to exit and be named
+    def _raise_after(self, error: BaseException, when: str) -> NoReturn:
+        """Stops every rank after a call failed on the driver, then raises the death of a worker where one died (a
+        collective fails when a peer is lost), else the driver's own error."""
+        if isinstance(error, RuntimeError):  # how collectives fail: give a dying peer the time to exit and be named
             multiprocessing.connection.wait([p.sentinel for p in self.workers], timeout=DEATH_NOTICE_S)
             self.record_death(f" {when}")
         own_error = self.failure is None
@@ -227,7 +228,9 @@ class MultiprocExecutor:
             self.failure = RuntimeError(f"the engine stopped after rank 0 failed {when}: {type(error).__name__}: "
                                         f"{error}")
         self.shutdown()
-        return error if own_error else self.failure
+        if own_error:
+            raise error
+        raise self.failure from error
 
     def record_death(self, when: str = ""):
         """Fails the engine with the first worker found dead, if it has not failed already."""
