@@ -2,7 +2,8 @@
 row-parallel sums add in another order), the same KV, and each rank holding exactly its part of every weight.
 
 One 2-rank engine per model and precision pair, built once per module (a worker costs an interpreter and a load):
-the dense model splits its KV heads (2 heads, 2 ranks), the MoE model has one KV head, which both ranks hold.
+the dense model splits its KV heads (2 heads, 2 ranks); the MoE model has one KV head, which both ranks hold, and a
+head tied to its embedding.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class Engines:
 
 @pytest.fixture(scope="module")
 def tiny_moe_one_kv_head(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-moe-mqa"), "qwen3_moe", num_key_value_heads=1, **TINY_MOE)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-moe-mqa"), "qwen3_moe", num_key_value_heads=1,
+                           tie_word_embeddings=True, **TINY_MOE)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -79,6 +81,12 @@ def test_logits_equal_one_device_within_1e_5(engines):
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
     scores = [llm.engine.teacher_forced_logprobs(ids[:12], ids[12:]) for llm in (engines.one, engines.two)]
     torch.testing.assert_close(scores[1], scores[0], rtol=1e-5, atol=1e-5)
+    # prompt logprobs and sampled logprobs: several logits calls on one step's hidden states
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2, logprobs=2)
+    outs = [llm.generate(ids, params, use_tqdm=False)[0] for llm in (engines.one, engines.two)]
+    entries = [[lp for pos in o.prompt_logprobs[1:] + o.outputs[0].logprobs for lp in pos.items()] for o in outs]
+    assert [token for token, _ in entries[1]] == [token for token, _ in entries[0]]
+    assert [lp.logprob for _, lp in entries[1]] == pytest.approx([lp.logprob for _, lp in entries[0]], abs=1e-5)
 
 
 def test_kv_export_assembles_every_head_and_import_gives_each_rank_its_heads(engines):
@@ -147,3 +155,4 @@ def test_rank0_holds_exactly_its_part_of_every_weight_in_every_precision(engines
     vocab = one.config.vocab_size
     assert two.lm_head.weight.shape[0] == vocab // 2
     assert torch.equal(two.lm_head.weight, one.lm_head.weight[:vocab // 2])
+    assert (two.lm_head.weight is two.model.embed_tokens.weight) == (engines.model == "moe")  # tied: one slice
