@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from mixquant.config import EngineConfig, Phase, phase_boundary
+from mixquant.distributed.parallel_state import min_over_ranks
 from mixquant.engine.prefill_graphs import PrefillGraphs, prefill_buckets
 from mixquant.engine.scheduler import ScheduledBatch
-from mixquant.distributed.parallel_state import min_over_ranks
 from mixquant.engine.sequence import Sequence
 from mixquant.models import loader
 from mixquant.utils.context import AttentionSegment, ForwardContext, forward_context

@@ -243,7 +243,7 @@ def _checkpoint_experts(layer: GroupedExperts, shards: dict[tuple[int, str], Sha
                                   {0: shards[(e, "gate_proj")], 1: shards[(e, "up_proj")]}, None, scheme, native,
                                   compute_dtype, input_is_parallel=False) for e in range(layer.num_experts)]
     down = [_checkpoint_method(f"{layer.prefix}.{e}.down_proj", [hidden], {0: shards[(e, "down_proj")]}, None,
-                               scheme, native, compute_dtype, layer.intermediate_is_parallel)
+                               scheme, native, compute_dtype, input_is_parallel=layer.intermediate_is_parallel)
             for e in range(layer.num_experts)]
     if scheme.name == "fp8":
         return FP8Experts.stack(gate_up, down, native)

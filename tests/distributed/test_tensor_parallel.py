@@ -3,7 +3,8 @@ row-parallel sums add in another order), the same KV, and each rank holding exac
 
 One 2-rank engine per model and precision pair, built once per module (a worker costs an interpreter and a load):
 the dense model splits its KV heads (2 heads, 2 ranks); the MoE model has one KV head, which both ranks hold, and a
-head tied to its embedding.
+head tied to its embedding; a Llama with attention biases (QKV's split with their rows, o_proj's added once, after
+the all-reduce) runs from an FP8 checkpoint.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ ENGINE = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=14, max
               enable_prefix_caching=True)
 # (model, prefill precision, compressed-tensors prefill_model of that scheme or quantized at load)
 VARIANTS = {"dense-bf16": ("dense", "bf16", False), "dense-fp8": ("dense", "fp8", False),
-            "dense-nvfp4": ("dense", "nvfp4", False), "dense-fp8-checkpoint": ("dense", "fp8", True),
+            "dense-nvfp4": ("dense", "nvfp4", False), "llama-biases-fp8-checkpoint": ("llama", "fp8", True),
             "moe-bf16": ("moe", "bf16", False), "moe-fp8": ("moe", "fp8", False), "moe-nvfp4": ("moe", "nvfp4", False),
             "moe-nvfp4-checkpoint": ("moe", "nvfp4", True)}
 
@@ -46,10 +47,15 @@ def tiny_moe_one_kv_head(tmp_path_factory) -> Path:
                            tie_word_embeddings=True, **TINY_MOE)
 
 
+@pytest.fixture(scope="module")
+def tiny_llama_biases(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-biases"), "llama", attention_bias=True)
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def engines(request, tiny_qwen3, tiny_moe_one_kv_head, tmp_path_factory):
+def engines(request, tiny_qwen3, tiny_moe_one_kv_head, tiny_llama_biases, tmp_path_factory):
     model, precision, from_checkpoint = VARIANTS[request.param]
-    path = tiny_qwen3 if model == "dense" else tiny_moe_one_kv_head
+    path = {"dense": tiny_qwen3, "moe": tiny_moe_one_kv_head, "llama": tiny_llama_biases}[model]
     kwargs = dict(ENGINE, prefill_precision=precision, decode_precision="bf16")
     if from_checkpoint:
         checkpoint = tmp_path_factory.mktemp(f"{model}-{precision}")
@@ -152,6 +158,10 @@ def test_rank0_holds_exactly_its_part_of_every_weight_in_every_precision(engines
             expected = _rank0_part(getattr(ours, tensor), how, sizes, whole)
             assert torch.equal(getattr(theirs, tensor).view(torch.uint8), expected.view(torch.uint8)), (name, tensor)
     one, two = engines.one.engine.model_runner.model, engines.two.engine.model_runner.model
+    if engines.model == "llama":
+        ours, theirs = one.model.layers[1].self_attn, two.model.layers[1].self_attn
+        assert torch.equal(theirs.qkv_proj.bias, _rank0_part(ours.qkv_proj.bias, "rows", [64, 32, 32], [False] * 3))
+        assert torch.equal(theirs.o_proj.bias, ours.o_proj.bias) and theirs.o_proj.prefill_method.bias is None
     vocab = one.config.vocab_size
     assert two.lm_head.weight.shape[0] == vocab // 2
     assert torch.equal(two.lm_head.weight, one.lm_head.weight[:vocab // 2])
