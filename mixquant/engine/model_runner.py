@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 from mixquant.config import EngineConfig, Phase, phase_boundary
+from mixquant.distributed.parallel_state import min_over_ranks
 from mixquant.engine.prefill_graphs import PrefillGraphs, prefill_buckets
 from mixquant.engine.scheduler import ScheduledBatch
 from mixquant.engine.sequence import Sequence
 from mixquant.engine.state_slots import StatePool
 from mixquant.models import loader
 from mixquant.utils.context import AttentionSegment, ForwardContext, StateSegments, forward_context
-from mixquant.utils.hf import iterate_tensors, resolve_model_path
+from mixquant.utils.hf import iterate_slices, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class ModelRunner:
         elif config.prefill_only and config.prefill_model:
             prequantized = loader.load_prefill_checkpoint(self.model, checkpoint, self.device)
         else:
-            loader.load_weights(self.model, iterate_tensors(checkpoint))
+            loader.load_weights(self.model, iterate_slices(checkpoint))
         if config.prefill_model and prequantized is None:
             prequantized = loader.read_prequantized(
                 self.model, resolve_model_path(config.prefill_model, config.revision), self.device)
@@ -174,6 +175,7 @@ class ModelRunner:
             num_blocks = min(self._gpu_kv_budget() // per_block, useful)
         else:
             num_blocks = min((2 << 30) // per_block, useful)
+        num_blocks = min_over_ranks(num_blocks)  # every rank holds its KV heads of the same blocks
         if num_blocks < 1:
             raise ValueError("no memory is left for the KV cache: lower max_num_batched_tokens or raise "
                              "gpu_memory_utilization / kv_cache_memory_bytes")
@@ -262,7 +264,9 @@ class ModelRunner:
             return [Segment(segments[0].seq, segments[0].start, segments[1].end, Phase.PREFILL)]
         return segments
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def prepare(self, batch: ScheduledBatch, device: torch.device | None = None) -> StepInputs:
+        """The step's inputs on `device` (this runner's by default; the host where a tensor-parallel driver
+        broadcasts them to the ranks)."""
         by_phase = [self.split_by_phase(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
         per_seq = [self._layout(segs) for segs in by_phase]
         ordered = [seg for segs in per_seq for seg in segs if seg.phase is Phase.PREFILL]
@@ -290,14 +294,14 @@ class ModelRunner:
                 prompt_rows.setdefault(i, []).extend(scoring)
             row += n
         num_prefill = sum(seg.end - seg.start for seg in ordered if seg.phase is Phase.PREFILL)
-        dev = self.device
+        dev = device or self.device
         positions, slots = rows_positions_and_slots(starts, ends, blocks, bs)
         slot_mapping = torch.from_numpy(slots).to(dev)
         # the trailing single-token decode segments attend in one paged-decode call (all of them, in a decode step)
         tail = len(ordered)
         while tail and ordered[tail - 1].is_decode_token:
             tail -= 1
-        tables, lens = self._decode_tables(ordered[tail:]) if tail < len(ordered) else (None, None)
+        tables, lens = self._decode_tables(ordered[tail:], dev) if tail < len(ordered) else (None, None)
         segments = [AttentionSegment(start, start + seg.end - seg.start, seg.start,
                                      torch.tensor(seg.seq.block_table, device=dev))
                     for start, seg in zip(row_starts[:tail], ordered[:tail])]
@@ -309,7 +313,8 @@ class ModelRunner:
                           {phase: sum(seg.end - seg.start for segs in by_phase for seg in segs if seg.phase is phase)
                            for phase in Phase})
 
-    def _decode_tables(self, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _decode_tables(segments: list[Segment], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Block tables padded to one width, and context lengths, of single-token decode segments.
 
         int32, as the decode graphs' inputs: the paged decode kernel beside a prefill then runs the variant those
@@ -318,7 +323,7 @@ class ModelRunner:
         tables = np.array([seg.seq.block_table + [0] * (width - len(seg.seq.block_table)) for seg in segments],
                           dtype=np.int32)
         lens = np.array([seg.end for seg in segments], dtype=np.int32)
-        return torch.from_numpy(tables).to(self.device), torch.from_numpy(lens).to(self.device)
+        return torch.from_numpy(tables).to(device), torch.from_numpy(lens).to(device)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:

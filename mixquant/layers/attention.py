@@ -100,9 +100,12 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torc
 class Attention(nn.Module):
     backend = TorchAttentionBackend()
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, kv_heads: slice | None = None):
+        """num_heads, num_kv_heads: this rank's; kv_heads: which of the model's KV heads they are (all of them
+        without tensor parallelism)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.kv_heads = kv_heads or slice(0, num_kv_heads)
         self.k_cache = self.v_cache = torch.empty(0)  # [num_blocks, block_size, kv_heads, head_dim], set by the runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
