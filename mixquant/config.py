@@ -150,6 +150,7 @@ class EngineConfig:
     state_snapshot_interval: int = 0
     num_state_snapshots: int | None = None
     kv_transfer_config: KVTransferConfig | None = None  # a disaggregated prefill or decode instance
+    tensor_parallel_size: int = 1  # ranks (GPUs, or CPU processes) the model is split over, one process each
 
     def __post_init__(self):
         self.device_obj = resolve_device(self.device)
@@ -163,7 +164,7 @@ class EngineConfig:
             raise ValueError(f"prefill_model {self.prefill_model!r} holds "
                              f"{prequantized_scheme(self.prefill_model, self.revision)} weights but "
                              f"prefill_precision={self.prefill_precision!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.skip_tokenizer_init and self.tokenizer:
@@ -177,6 +178,13 @@ class EngineConfig:
             raise ValueError(f"num_state_snapshots must be >= 0, got {self.num_state_snapshots}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size > 1 and self.device_obj.type == "cuda":
+            if self.device_obj.index is not None:
+                raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} runs rank r on the r-th visible "
+                                 f"GPU: pass device='cuda' (CUDA_VISIBLE_DEVICES picks the GPUs), not {self.device!r}")
+            if torch.cuda.device_count() < self.tensor_parallel_size:
+                raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs as many GPUs, "
+                                 f"{torch.cuda.device_count()} are visible")
         if self.prefill_attention not in PREFILL_ATTENTIONS:
             raise ValueError(f"prefill_attention={self.prefill_attention!r} is not one of "
                              f"{', '.join(PREFILL_ATTENTIONS)}")

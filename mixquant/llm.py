@@ -18,13 +18,13 @@ class LLM:
                  prefill_precision: str = "auto", decode_precision: str = "bf16", dtype: str = "auto",
                  device: str = "auto", max_model_len: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
-                 hf_overrides: dict | None = None, seed: int = 0, **kwargs):
+                 hf_overrides: dict | None = None, seed: int = 0, tensor_parallel_size: int = 1, **kwargs):
         config = EngineConfig(model=model, tokenizer=tokenizer, prefill_model=prefill_model,
                               prefill_precision=prefill_precision, decode_precision=decode_precision, dtype=dtype,
                               device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,
                               enable_prefix_caching=enable_prefix_caching, hf_overrides=hf_overrides, seed=seed,
-                              **kwargs)
+                              tensor_parallel_size=tensor_parallel_size, **kwargs)
         self.engine = LLMEngine(config)
         self._ids = itertools.count()
 

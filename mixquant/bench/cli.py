@@ -28,6 +28,7 @@ def _add_model_arguments(p):
     p.add_argument("--hf-overrides", type=json.loads, default={},
                    help='JSON merged into the config, as vllm\'s flag (e.g. \'{"num_hidden_layers": 24}\')')
     p.add_argument("--pairs", default="bf16/bf16,fp8/bf16,nvfp4/bf16", help="prefill/decode precision pairs")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N", help="GPUs per engine")
     p.add_argument("--output-dir", default="bench-results")
 
 
@@ -85,10 +86,10 @@ def run_offline(args) -> int:
     if args.kind == "prefill":
         rows = offline.bench_prefill(model, pairs, _ints(args.contexts), args.repeats, overrides,
                                      args.compare == "transformers", attentions=args.prefill_attention,
-                                     eager=args.enforce_eager)
+                                     eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
     else:
         rows = offline.bench_decode(model, pairs, _ints(args.batches), args.context, args.steps, overrides,
-                                    eager=args.enforce_eager)
+                                    eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": _device_name(), "ceilings": ceilings, "rows": [r.to_dict() for r in rows]}

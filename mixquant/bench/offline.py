@@ -89,7 +89,8 @@ def measure_ceilings() -> dict:
 
 
 def _engine(model: str, pair: str, max_len: int, batched_tokens: int, max_seqs: int, hf_overrides: dict | None,
-            eager: bool, prefill_attention: str = "auto", tokenizer: str | None = None) -> LLMEngine:
+            eager: bool, prefill_attention: str = "auto", tokenizer: str | None = None,
+            tensor_parallel_size: int = 1) -> LLMEngine:
     """An engine with random weights; without a tokenizer unless one is named."""
     prefill, decode = pair.split("/")
     return LLMEngine(EngineConfig(model=model, load_format="dummy", skip_tokenizer_init=tokenizer is None,
@@ -97,7 +98,7 @@ def _engine(model: str, pair: str, max_len: int, batched_tokens: int, max_seqs: 
                                   prefill_precision=prefill, decode_precision=decode, max_model_len=max_len,
                                   max_num_batched_tokens=batched_tokens, max_num_seqs=max_seqs,
                                   enable_prefix_caching=False, hf_overrides=hf_overrides, enforce_eager=eager,
-                                  prefill_attention=prefill_attention))
+                                  prefill_attention=prefill_attention, tensor_parallel_size=tensor_parallel_size))
 
 
 def _release_memory():
@@ -124,8 +125,8 @@ def _method_tensors(method) -> list[torch.Tensor]:
 
 def weight_bytes(engine: LLMEngine) -> int:
     """Weight bytes held for both phases (fp8/bf16 keeps the BF16 weights and an FP8 copy)."""
-    tensors = list(engine.runner.model.parameters())
-    for layer in engine.runner.model.phase_routed_layers():
+    tensors = list(engine.model_runner.model.parameters())
+    for layer in engine.model_runner.model.phase_routed_layers():
         for method in (layer.prefill_method, layer.decode_method):
             tensors += _method_tensors(method)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}  # views count once
@@ -133,20 +134,21 @@ def weight_bytes(engine: LLMEngine) -> int:
 
 
 def memory_notes(engine: LLMEngine) -> dict:
-    """The weight memory of both phases and the KV tokens left beside it."""
-    return {"weight_gib": round(weight_bytes(engine) / 2**30, 2), "kv_cache_tokens": engine.kv_cache_tokens()}
+    """The weight memory of both phases (of one rank under tensor parallelism) and the KV tokens left beside it."""
+    return {"weight_gib": round(weight_bytes(engine) / 2**30, 2), "kv_cache_tokens": engine.kv_cache_tokens(),
+            "tensor_parallel_size": engine.config.tensor_parallel_size}
 
 
 def bench_prefill(model: str, pairs: list[str], contexts: list[int], repeats: int, hf_overrides: dict | None,
-                  compare_transformers: bool, attentions: tuple[str, ...] = ("bf16",), eager: bool = False
-                  ) -> list[Row]:
+                  compare_transformers: bool, attentions: tuple[str, ...] = ("bf16",), eager: bool = False,
+                  tensor_parallel_size: int = 1) -> list[Row]:
     """Every pair with every prompt attention (EngineConfig.prefill_attention), each against bf16/bf16 with bf16
     attention ("auto" resolves to bf16 for bf16/bf16)."""
     rows: list[Row] = []
     for pair, attention in [(p, a) for a in attentions for p in pairs]:
         engine = _engine(model, pair, max(contexts) + 16, max(contexts), 4, hf_overrides, eager=eager,
-                         prefill_attention=attention)
-        notes = {**memory_notes(engine), "prefill_graphs": engine.runner.prefill_graphs is not None,
+                         prefill_attention=attention, tensor_parallel_size=tensor_parallel_size)
+        notes = {**memory_notes(engine), "prefill_graphs": engine.model_runner.prefill_graphs is not None,
                  "prefill_attention": engine.config.prefill_attention,
                  "fp8_attention_min_tokens": engine.config.fp8_attention_min_tokens}
         for context in contexts:
@@ -163,6 +165,7 @@ def bench_prefill(model: str, pairs: list[str], contexts: list[int], repeats: in
                             tflops=prefill_flops(engine.hf_config, context) / t / 1e12, prefill_attention=attention,
                             notes=dict(notes)))
             print(_line(rows[-1]), flush=True)
+        engine.close()
         del engine
         _release_memory()
     if compare_transformers:
@@ -191,14 +194,15 @@ def bench_transformers_prefill(model: str, contexts: list[int], repeats: int, hf
 
 
 def bench_decode(model: str, pairs: list[str], batches: list[int], context: int, steps: int,
-                 hf_overrides: dict | None, eager: bool = False) -> list[Row]:
+                 hf_overrides: dict | None, eager: bool = False, tensor_parallel_size: int = 1) -> list[Row]:
     rows: list[Row] = []
     for pair in pairs:
-        engine = _engine(model, pair, context + steps + 64, 16384, max(batches), hf_overrides, eager=eager)
+        engine = _engine(model, pair, context + steps + 64, 16384, max(batches), hf_overrides, eager=eager,
+                         tensor_parallel_size=tensor_parallel_size)
         notes = memory_notes(engine)
-        layout = engine.runner.kv_layout
+        layout = engine.model_runner.kv_layout
         kv_per_token = layout.bytes_per_token()
-        pool = engine.runner.state_pool  # a recurrent state is read and written whole every step
+        pool = engine.model_runner.state_pool  # a recurrent state is read and written whole every step
         state_per_sequence = 2 * pool.bytes_per_row if pool is not None else 0
         for batch in batches:
             for i in range(batch):
@@ -216,8 +220,9 @@ def bench_decode(model: str, pairs: list[str], batches: list[int], context: int,
             bytes_per_step = _decode_weight_bytes(engine, batch) + batch * (kv_read + state_per_sequence)
             rows.append(Row("decode", "mixquant", prefill, decode, context, batch, batch / t, t,
                             gbps=bytes_per_step / t / 1e9,
-                            notes={**notes, "cuda_graphs": bool(engine.runner.graphs)}))
+                            notes={**notes, "cuda_graphs": bool(engine.model_runner.graphs)}))
             print(_line(rows[-1]), flush=True)
+        engine.close()
         del engine
         _release_memory()
     _set_ratios(rows, "decode")
@@ -297,7 +302,7 @@ def _decode_weight_bytes(engine: LLMEngine, batch: int) -> int:
     """Bytes a decode step of `batch` rows streams: every decode-phase linear weight (and scales), the head, and of
     each MoE layer the experts its rows are routed to: top_k at batch 1, and beyond that the number a uniform
     router reaches, E * (1 - (1 - k/E)^batch) (an estimate: random weights route close to uniformly)."""
-    model = engine.runner.model
+    model = engine.model_runner.model
     total = _nbytes([model.lm_head.weight])
     for layer in model.phase_routed_layers():
         method = layer.decode_method

@@ -10,6 +10,12 @@ SHAPES = {
                      intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                      head_dim=128, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
                      rope_theta=1000000.0, tie_word_embeddings=False, torch_dtype="bfloat16"),
+    # Qwen/Qwen3-32B's config.json: the 31B class (Gemma-4-31B's size); 61.0 GiB of BF16 weights, and fp8/bf16 adds
+    # a 29.1 GiB FP8 copy of the linear layers: 90 GiB, more than one H100 holds
+    "qwen3-32b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=5120,
+                      intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64, num_key_value_heads=8,
+                      head_dim=128, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                      rope_theta=1000000.0, tie_word_embeddings=False, torch_dtype="bfloat16"),
     # Qwen/Qwen3-30B-A3B's config.json: 128 experts, 8 a token, every layer sparse
     "qwen3-30b-a3b": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048,
                           intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,

@@ -15,14 +15,17 @@ import torch
 from transformers import AutoTokenizer
 
 from mixquant.config import EngineConfig, phase_boundary, resolve_dtype
+from mixquant.distributed.executor import MultiprocExecutor
 from mixquant.distributed.kv_transfer import RemotePrefill, prompt_digest
 from mixquant.distributed.nixl_connector import NixlConnector
+from mixquant.distributed.parallel_state import check_no_tensor_parallel_engine
 from mixquant.engine.block_manager import BlockManager
 from mixquant.engine.model_runner import ModelRunner
 from mixquant.engine.scheduler import ScheduledBatch, Scheduler
 from mixquant.engine.sequence import Sequence, SequenceStatus
 from mixquant.engine.state_slots import StateSlots
 from mixquant.layers.sampler import sample
+from mixquant.models.registry import model_class
 from mixquant.outputs import CompletionOutput, Logprob, RequestOutput
 from mixquant.sampling_params import SamplingParams
 from mixquant.structured_output import StructuredOutputManager
@@ -50,6 +53,7 @@ class Request:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        check_no_tensor_parallel_engine()
         self.config = config
         self.model_path = resolve_model_path(config.checkpoint, config.revision)
         self.hf_config = load_config(self.model_path, config.hf_overrides)
@@ -58,7 +62,11 @@ class LLMEngine:
         self.tokenizer = None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(
             str(resolve_model_path(config.tokenizer, config.revision)) if config.tokenizer else str(self.model_path))
         self.generation_defaults, self.eos_token_ids = self._generation_config()
-        self.runner = ModelRunner(config, self.hf_config, self.dtype, self.max_model_len)
+        if config.tensor_parallel_size == 1:
+            self.runner = ModelRunner(config, self.hf_config, self.dtype, self.max_model_len)
+        else:  # the same interface, over one process per rank
+            self._check_tensor_parallel()
+            self.runner = MultiprocExecutor(config, self.hf_config, self.dtype, self.max_model_len)
         self._check_kv_capacity()
         self.structured_output = None if self.tokenizer is None else StructuredOutputManager(
             self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids, config.device_obj)
@@ -76,9 +84,9 @@ class LLMEngine:
         """No requests, an empty KV cache and prefix cache, counters at zero."""
         config = self.config
         state_slots = None
-        if self.runner.state_pool is not None:
-            state_slots = StateSlots(self.runner.state_pool, config.block_size, config.state_snapshot_interval)
-        layout = self.runner.kv_layout
+        if self.model_runner.state_pool is not None:
+            state_slots = StateSlots(self.model_runner.state_pool, config.block_size, config.state_snapshot_interval)
+        layout = self.model_runner.kv_layout
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
                                           config.prefill_precision, config.decode_precision, state_slots,
                                           layout.window, layout.window_units)
@@ -108,6 +116,22 @@ class LLMEngine:
             self.structured_output.warm_up()
         self._reset_state()
 
+    @property
+    def model_runner(self) -> ModelRunner:
+        """This process's ModelRunner, for inspection (its model, graphs, KV layout): rank 0's under tensor
+        parallelism, where steps go through self.runner, which runs them on every rank."""
+        return self.runner if self.config.tensor_parallel_size == 1 else self.runner.worker.runner
+
+    def close(self):
+        """Stops the ranks of a tensor-parallel engine (a collected engine stops them too); nothing at size 1."""
+        if self.config.tensor_parallel_size > 1:
+            self.runner.shutdown()
+
+    @property
+    def failure(self) -> Exception | None:
+        """Why this engine cannot run any more (a tensor-parallel rank died), or None."""
+        return self.runner.failure if self.config.tensor_parallel_size > 1 else None
+
     def _max_model_len(self) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 4096
         if self.config.max_model_len is None:
@@ -116,6 +140,16 @@ class LLMEngine:
             raise ValueError(f"max_model_len={self.config.max_model_len} exceeds the model's "
                              f"max_position_embeddings={limit} (stretch it with a rope_scaling hf_override)")
         return self.config.max_model_len
+
+    def _check_tensor_parallel(self):
+        """What cannot run split over ranks yet is refused before any rank starts."""
+        cls = model_class(self.hf_config)
+        if not cls.tensor_parallel:
+            raise ValueError(f"tensor_parallel_size={self.config.tensor_parallel_size}: {cls.__name__}'s layers are not "
+                             "split over ranks yet (docs/distributed.md); run it with tensor_parallel_size=1")
+        if self.config.kv_transfer_config is not None:
+            raise ValueError("a disaggregated instance (--kv-transfer-config) runs with tensor_parallel_size=1 for now "
+                             "(tp_size 1 in kv_transfer_params)")
 
     def _check_kv_capacity(self):
         """One sequence may grow to max_model_len tokens: a cache that cannot hold them would preempt that sequence
@@ -430,7 +464,7 @@ class LLMEngine:
     def kv_cache_tokens(self) -> int:
         """The most tokens one sequence can hold in the KV cache (with sliding-window layers, fewer than the units
         times block_size: their blocks within the window take units too)."""
-        return self.runner.kv_layout.max_tokens(self.runner.num_blocks, self.config.max_num_batched_tokens)
+        return self.model_runner.kv_layout.max_tokens(self.runner.num_blocks, self.config.max_num_batched_tokens)
 
     # ---- scoring -------------------------------------------------------------------------------------------------
 
@@ -483,8 +517,8 @@ class LLMEngine:
     def _check_kv_transfer(self):
         """KV moved between engines (export/import, or a disaggregated instance's NIXL transfers) carries no
         recurrent state, and the blocks of one cache group (not those of sliding-window layers)."""
-        self.runner.check_block_transfer()
-        if self.runner.state_pool is not None:
+        self.model_runner.check_block_transfer()
+        if self.model_runner.state_pool is not None:
             raise ValueError("KV transfer does not carry the recurrent state of Gated DeltaNet layers, without which "
                              "the KV alone resumes nothing: not supported for this model (export_kv, "
                              "add_request_with_kv, --kv-transfer-config)")

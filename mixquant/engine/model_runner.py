@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mixquant.config import EngineConfig, Phase, phase_boundary
+from mixquant.distributed.parallel_state import min_over_ranks
 from mixquant.engine.kv_cache import KVCacheLayout, KVCacheTensor
 from mixquant.engine.prefill_graphs import PrefillGraphs, prefill_buckets
 from mixquant.engine.scheduler import ScheduledBatch
@@ -24,7 +25,7 @@ from mixquant.engine.state_slots import StatePool
 from mixquant.layers.attention import first_window_block
 from mixquant.models import loader
 from mixquant.utils.context import AttentionSegment, ForwardContext, StateSegments, forward_context
-from mixquant.utils.hf import iterate_tensors, resolve_model_path
+from mixquant.utils.hf import iterate_slices, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class ModelRunner:
         elif config.prefill_only and config.prefill_model:
             prequantized = loader.load_prefill_checkpoint(self.model, checkpoint, self.device)
         else:
-            loader.load_weights(self.model, iterate_tensors(checkpoint))
+            loader.load_weights(self.model, iterate_slices(checkpoint))
         if config.prefill_model and prequantized is None:
             prequantized = loader.read_prequantized(
                 self.model, resolve_model_path(config.prefill_model, config.revision), self.device)
@@ -179,6 +180,7 @@ class ModelRunner:
             num_blocks = min(self._gpu_kv_budget() // per_block, useful)
         else:
             num_blocks = min((2 << 30) // per_block, useful)
+        num_blocks = min_over_ranks(num_blocks)  # every rank holds its KV heads of the same blocks
         if num_blocks < 1:
             raise ValueError("no memory is left for the KV cache: lower max_num_batched_tokens or raise "
                              "gpu_memory_utilization / kv_cache_memory_bytes")
@@ -285,7 +287,9 @@ class ModelRunner:
             return [Segment(segments[0].seq, segments[0].start, segments[1].end, Phase.PREFILL)]
         return segments
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def prepare(self, batch: ScheduledBatch, device: torch.device | None = None) -> StepInputs:
+        """The step's inputs on `device` (this runner's by default; the host where a tensor-parallel driver
+        broadcasts them to the ranks)."""
         by_phase = [self.split_by_phase(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
         per_seq = [self._layout(segs) for segs in by_phase]
         ordered = [seg for segs in per_seq for seg in segs if seg.phase is Phase.PREFILL]
@@ -313,14 +317,14 @@ class ModelRunner:
                 prompt_rows.setdefault(i, []).extend(scoring)
             row += n
         num_prefill = sum(seg.end - seg.start for seg in ordered if seg.phase is Phase.PREFILL)
-        dev = self.device
+        dev = device or self.device
         positions, slots = rows_positions_and_slots(starts, ends, blocks, bs)
         slot_mapping = torch.from_numpy(slots).to(dev)
         # the trailing single-token decode segments attend in one paged-decode call (all of them, in a decode step)
         tail = len(ordered)
         while tail and ordered[tail - 1].is_decode_token:
             tail -= 1
-        tables, lens = self._decode_tables(ordered[tail:]) if tail < len(ordered) else (None, None)
+        tables, lens = self._decode_tables(ordered[tail:], dev) if tail < len(ordered) else (None, None)
         segments = [AttentionSegment(start, start + seg.end - seg.start, seg.start,
                                      torch.tensor(seg.seq.block_table, device=dev))
                     for start, seg in zip(row_starts[:tail], ordered[:tail])]
@@ -328,18 +332,18 @@ class ModelRunner:
                              context_lens=lens, state=self._state_segments(ordered, row_starts, row),
                              **self._prefill_attention())
         if self.kv_layout.window_units:
-            ctx.kv_groups = self._window_contexts(ordered, starts, ends, row_starts, tail, num_prefill, lens)
+            ctx.kv_groups = self._window_contexts(ordered, starts, ends, row_starts, tail, num_prefill, lens, dev)
         return StepInputs(torch.from_numpy(np.array(input_ids, dtype=np.int64)).to(dev),
                           torch.from_numpy(positions).to(dev), ctx, sample_rows, prompt_rows,
                           {phase: sum(seg.end - seg.start for segs in by_phase for seg in segs if seg.phase is phase)
                            for phase in Phase})
 
     def _window_contexts(self, ordered: list[Segment], starts: list[int], ends: list[int], row_starts: list[int],
-                         tail: int, num_prefill: int, lens: torch.Tensor | None) -> list[ForwardContext]:
+                         tail: int, num_prefill: int, lens: torch.Tensor | None,
+                         dev: torch.device) -> list[ForwardContext]:
         """The sliding-window cache groups' contexts for the same rows (engine/kv_cache.py): group j writes to and
         reads from unit j of each block of the sequences' window tables, from each row's window on."""
         bs, window, groups = self.block_size, self.kv_layout.window, self.kv_layout.window_units
-        dev = self.device
         written = [units for seg in ordered for units in seg.seq.window_table[seg.start // bs:(seg.end - 1) // bs + 1]]
         slots = torch.from_numpy(rows_positions_and_slots(starts, ends, written, bs)[1].T.copy()).to(dev)
         spans = [seg.seq.window_table[first_window_block(seg.start, window, bs):(seg.end - 1) // bs + 1]
@@ -347,7 +351,7 @@ class ModelRunner:
         tables = torch.from_numpy(np.array([units for span in spans for units in span],
                                            dtype=np.int64).reshape(-1, groups).T.copy()).to(dev)
         offsets = np.cumsum([0] + [len(span) for span in spans])
-        decode_tables = self._window_decode_tables(ordered[tail:]) if lens is not None else None
+        decode_tables = self._window_decode_tables(ordered[tail:], dev) if lens is not None else None
         return [ForwardContext(num_prefill, slots[j],
                                segments=[AttentionSegment(row, row + seg.end - seg.start, seg.start,
                                                           tables[j, offsets[k]:offsets[k + 1]])
@@ -357,7 +361,7 @@ class ModelRunner:
                                **self._prefill_attention())
                 for j in range(groups)]
 
-    def _window_decode_tables(self, segments: list[Segment]) -> torch.Tensor:
+    def _window_decode_tables(self, segments: list[Segment], device: torch.device) -> torch.Tensor:
         """[window groups, rows, width] int32: each decode row's window units, from its window's first block."""
         bs, window = self.block_size, self.kv_layout.window
         spans = [seg.seq.window_table[first_window_block(seg.start, window, bs):seg.start // bs + 1]
@@ -365,20 +369,19 @@ class ModelRunner:
         tables = np.zeros((len(spans), max(len(span) for span in spans), self.kv_layout.window_units), dtype=np.int32)
         for row, span in enumerate(spans):
             tables[row, :len(span)] = span
-        return torch.from_numpy(tables.transpose(2, 0, 1).copy()).to(self.device)
+        return torch.from_numpy(tables.transpose(2, 0, 1).copy()).to(device)
 
-    def _decode_tables(self, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _decode_tables(segments: list[Segment], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Block tables padded to one width, and context lengths, of single-token decode segments.
 
         int32, as the decode graphs' inputs: the paged decode kernel beside a prefill then runs the variant those
-        if self.config.prefill_only:  # it runs no decode step
-            return
         graphs compiled at start-up, where int64 tables made Triton compile another in the middle of serving."""
         width = max(len(seg.seq.block_table) for seg in segments)
         tables = np.array([seg.seq.block_table + [0] * (width - len(seg.seq.block_table)) for seg in segments],
                           dtype=np.int32)
         lens = np.array([seg.end for seg in segments], dtype=np.int32)
-        return torch.from_numpy(tables).to(self.device), torch.from_numpy(lens).to(self.device)
+        return torch.from_numpy(tables).to(device), torch.from_numpy(lens).to(device)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
@@ -421,6 +424,8 @@ class ModelRunner:
 
     def _capture_decode_graphs(self):
         """One graph per batch size; a decode step of b rows replays the smallest graph with >= b rows."""
+        if self.config.prefill_only:  # it runs no decode step
+            return
         max_rows = min(self.config.max_num_seqs, 256)
         sizes = sorted({1, 2, 4, 8, *range(16, max_rows + 1, 16), max_rows})
         dev = self.device

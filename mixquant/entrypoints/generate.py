@@ -17,12 +17,14 @@ def add_engine_arguments(p):
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split the model over N GPUs (CPU processes with --device cpu)")
 
 
 def engine_kwargs(args) -> dict:
     return dict(prefill_precision=args.prefill_precision, decode_precision=args.decode_precision,
                 prefill_model=args.prefill_model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-                max_model_len=args.max_model_len, seed=args.seed)
+                max_model_len=args.max_model_len, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def register(subparsers):

@@ -138,10 +138,14 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torc
 class Attention(nn.Module):
     backend = TorchAttentionBackend()
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int | None = None):
-        """window: a sliding window of that many keys (the query's own included); None: full causal attention."""
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int | None = None,
+                 kv_heads: slice | None = None):
+        """num_heads, num_kv_heads: this rank's; kv_heads: which of the model's KV heads they are (all of them
+        without tensor parallelism). window: a sliding window of that many keys (the query's own included); None:
+        full causal attention."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.kv_heads = kv_heads or slice(0, num_kv_heads)
         self.window = window
         # set by the runner (engine/kv_cache.py): [units, block_size, kv_heads, head_dim] views into the KV pool,
         # and which cache group's slots and tables this layer uses

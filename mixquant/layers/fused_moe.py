@@ -4,6 +4,10 @@
 like Linear (prefill rows through the prefill precision's method, decode rows through the decode one's, in the
 same forward pass); models/loader.py gives it its methods (quantization/expert_methods.py). The router stays
 unquantized in every phase, as in every published recipe (`ignore: re:.*mlp.gate$`).
+
+Tensor parallelism splits every expert along its intermediate dim (vLLM's tensor-parallel experts): each rank holds
+its rows of w13's gate and up parts and the same columns of w2, computes every routed row's partial output, and
+the ranks' outputs are summed once per layer. The router is replicated, so every rank routes alike.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixquant.distributed.parallel_state import get_tp_size, tensor_model_parallel_all_reduce, tp_partition
 from mixquant.layers.activation import check_activation
 from mixquant.layers.linear import PhaseRouted
 
@@ -18,18 +23,24 @@ EXPERT_SHARDS = ("gate_proj", "up_proj", "down_proj")  # per-expert checkpoint m
 
 
 class GroupedExperts(PhaseRouted):
+    """intermediate_size is the rank's part of the checkpoint's total_intermediate_size."""
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, prefix: str,
                  activation: str = "silu"):
         """activation: the gate's, by config name (layers.activation.GATED_ACTIVATIONS)."""
         super().__init__()
         self.prefix = prefix
-        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.num_experts, self.hidden_size, self.total_intermediate_size = num_experts, hidden_size, intermediate_size
+        self.intermediate_part = tp_partition(intermediate_size, f"{prefix}: moe_intermediate_size")
+        self.intermediate_size = inter = self.intermediate_part.stop - self.intermediate_part.start
+        self.intermediate_is_parallel = get_tp_size() > 1
         self.activation = check_activation(activation)
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, inter), requires_grad=False)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        return self.route(self.hidden_size, x, topk_weights, topk_ids, activation=self.activation)
+        out = self.route(self.hidden_size, x, topk_weights, topk_ids, activation=self.activation)
+        return tensor_model_parallel_all_reduce(out) if self.intermediate_is_parallel else out
 
     def set_methods(self, prefill, decode):
         super().set_methods(prefill, decode)
@@ -49,24 +60,44 @@ class GroupedExperts(PhaseRouted):
                 "down_proj": ("w2", slice(None))}[shard]
 
     def load_expert(self, expert: int, shard: str, tensor: torch.Tensor):
+        """Copies this rank's part of one expert's projection (a torch tensor or a checkpoint slice, read here)."""
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"{self.prefix}: checkpoint expert {expert}, the model has {self.num_experts}")
-        name, rows = self.shard_rows(shard)
-        target = getattr(self, name).data[expert, rows]
-        if tensor.shape != target.shape:
+        inter, hidden = self.total_intermediate_size, self.hidden_size
+        expected = (hidden, inter) if shard == "down_proj" else (inter, hidden)
+        if tuple(tensor.shape) != expected:
             raise ValueError(f"{self.prefix}.{expert}.{shard}.weight: checkpoint shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(target.shape)}")
-        target.copy_(tensor)
+                             f"the model expects {expected}")
+        name, rows = self.shard_rows(shard)
+        getattr(self, name).data[expert, rows].copy_(self.shard_part((expert, shard), tensor, has_input_dim=True))
+
+    def shard_part(self, shard: tuple[int, str], tensor: torch.Tensor, has_input_dim: bool) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor of (expert, projection), as Linear.shard_part: gate_proj and
+        up_proj are split by rows, down_proj by input columns."""
+        if not tensor.shape:
+            return tensor[...]
+        if shard[1] != "down_proj":
+            per_row = tensor.shape[0] == self.total_intermediate_size
+            return tensor[self.intermediate_part if per_row else slice(None)]
+        if not has_input_dim:
+            return tensor[:]
+        return tensor[:, tp_partition(tensor.shape[-1], f"{self.prefix}.{shard[0]}.down_proj: the input columns")]
 
     def load_stacked(self, name: str, tensor: torch.Tensor) -> list[str]:
         """`gate_up_proj` [E, 2I, H] (gate rows first) or `down_proj` [E, H, I]; returns the shards it filled."""
-        param, shards = {"gate_up_proj": (self.w13, ["gate_proj", "up_proj"]),
-                         "down_proj": (self.w2, ["down_proj"])}[name]
-        if tensor.shape != param.shape:
+        inter, part = self.total_intermediate_size, self.intermediate_part
+        expected = {"gate_up_proj": (self.num_experts, 2 * inter, self.hidden_size),
+                    "down_proj": (self.num_experts, self.hidden_size, inter)}[name]
+        if tuple(tensor.shape) != expected:
             raise ValueError(f"{self.prefix}.{name}: checkpoint shape {tuple(tensor.shape)}, the model expects "
-                             f"{tuple(param.shape)}")
-        param.data.copy_(tensor)
-        return shards
+                             f"{expected}")
+        if name == "down_proj":
+            self.w2.data.copy_(tensor[:, :, part])
+            return ["down_proj"]
+        local = self.intermediate_size
+        self.w13.data[:, :local].copy_(tensor[:, part])
+        self.w13.data[:, local:].copy_(tensor[:, inter + part.start:inter + part.stop])
+        return ["gate_proj", "up_proj"]
 
 
 class Router(nn.Module):

@@ -5,6 +5,10 @@ q/k/v biases, Llama neither. A family with another MLP per layer (the experts of
 overrides `CausalLM.make_mlp`; one with other layers (Qwen3.5's Gated DeltaNet and gated attention,
 models/qwen3_5.py) overrides `CausalLM.make_layer`; one whose whole stack differs (Gemma 4, models/gemma4.py)
 `CausalLM.make_model`.
+
+Tensor parallelism, as Megatron-LM splits a decoder: each rank computes its attention heads (QKV column-parallel,
+KV heads replicated where there are fewer than ranks, o_proj row-parallel) and its part of the MLP's intermediate
+dim (gate/up column-parallel, down_proj row-parallel): two all-reduces a layer. Norms and RoPE are replicated.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from mixquant.distributed.parallel_state import kv_head_replicas, tp_partition
 from mixquant.layers.activation import check_activation
 from mixquant.layers.attention import Attention
 from mixquant.layers.embed_head import LMHead, VocabEmbedding
@@ -28,17 +33,25 @@ class SelfAttention(nn.Module):
     def __init__(self, config, prefix: str, qk_norm: bool, qkv_bias: bool, rotary_emb: RotaryEmbedding):
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.head_dim = getattr(config, "head_dim", None) or hidden // total_heads
+        # this rank's heads; a rank whose query heads share a KV head holds that KV head (as other ranks do)
+        replicas = kv_head_replicas(total_kv_heads, f"{prefix}: num_key_value_heads")
+        heads = tp_partition(total_heads, f"{prefix}: num_attention_heads")
+        kv_heads = tp_partition(total_kv_heads, f"{prefix}: num_key_value_heads", replicas)
+        self.num_heads, self.num_kv_heads = heads.stop - heads.start, kv_heads.stop - kv_heads.start
+        q_size, kv_size = total_heads * self.head_dim, total_kv_heads * self.head_dim
         self.qkv_proj = Linear(hidden, [q_size, kv_size, kv_size], qkv_bias, f"{prefix}.qkv_proj",
-                               shard_names=["q_proj", "k_proj", "v_proj"])
-        self.o_proj = Linear(q_size, [hidden], getattr(config, "attention_bias", False), f"{prefix}.o_proj")
+                               shard_names=["q_proj", "k_proj", "v_proj"], parallel="column",
+                               replicas=[1, replicas, replicas])
+        self.o_proj = Linear(q_size, [hidden], getattr(config, "attention_bias", False), f"{prefix}.o_proj",
+                             parallel="row")
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary_emb  # one table shared by all layers
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
+                              kv_heads=kv_heads)
 
     def project_qkv(self, positions: torch.Tensor, x: torch.Tensor):
         q, k, v = self.qkv_proj(x).split(
@@ -58,8 +71,8 @@ class MLP(nn.Module):
         inter = intermediate_size or config.intermediate_size
         self.activation = check_activation(activation or config.hidden_act)
         self.gate_up_proj = Linear(config.hidden_size, [inter, inter], False, f"{prefix}.gate_up_proj",
-                                   shard_names=["gate_proj", "up_proj"])
-        self.down_proj = Linear(inter, [config.hidden_size], False, f"{prefix}.down_proj")
+                                   shard_names=["gate_proj", "up_proj"], parallel="column")
+        self.down_proj = Linear(inter, [config.hidden_size], False, f"{prefix}.down_proj", parallel="row")
 
     def takes_quantized_rows(self, rows: int) -> bool:
         return self.gate_up_proj.takes_quantized_rows(rows)
@@ -129,6 +142,7 @@ class CausalLM(nn.Module):
 
     qk_norm = False
     qkv_bias = False
+    tensor_parallel = True  # whether its layers split over tensor-parallel ranks (docs/distributed.md)
     unit_offset_norms = False  # RMSNorm weights stored zero-centred, scaling by (1 + w) (Qwen3.5)
     # checkpoint name prefixes -> ours; None drops the tensors (the vision and audio towers of a multimodal checkpoint
     # served text-only)

@@ -185,6 +185,9 @@ class Gemma4Model(nn.Module):
 class Gemma4ForCausalLM(CausalLM):
     """Both checkpoint kinds: the hub's multimodal one is served text-only (a gemma4_text one has no prefix)."""
 
+    # its attention projections are built replicated and its two KV geometries are not split by heads yet
+    # (docs/distributed.md, "Sharding another family's layers"): refused at tensor_parallel_size > 1
+    tensor_parallel = False
     checkpoint_prefixes = {"model.language_model.": "model.", "model.vision_tower.": None,
                            "model.embed_vision.": None, "model.audio_tower.": None, "model.embed_audio.": None}
 

@@ -2,6 +2,10 @@
 
 The precision of each (layer, phase) is decided here and nowhere else: the phase's precision from the engine
 config, except for layers a checkpoint's `ignore` list or the user's `unquantized_layers` keep unquantized.
+
+Under tensor parallelism every rank runs this same code on its own model: checkpoints are read through safetensors
+slices, each layer narrowing them to its rank's part (Linear.shard_part, GroupedExperts.shard_part,
+VocabEmbedding.load_weight) before anything is copied, and methods are built from those parts.
 """
 from __future__ import annotations
 
@@ -16,15 +20,18 @@ from pathlib import Path
 import torch
 
 from mixquant.config import EngineConfig, Phase, kernel_mode
+from mixquant.distributed.parallel_state import get_tp_size
+from mixquant.layers.embed_head import VocabEmbedding
 from mixquant.layers.fused_moe import EXPERT_SHARDS, GroupedExperts
 from mixquant.layers.linear import Linear, PhaseRouted
 from mixquant.models.decoder import CausalLM
 from mixquant.models.registry import model_class
 from mixquant.quantization import compressed_tensors as ct
+from mixquant.quantization import nvfp4
 from mixquant.quantization.expert_methods import BF16Experts, ExpertsMethod, FP8Experts, NVFP4Experts
 from mixquant.quantization.linear_methods import (
     ActivationGroup, BF16Method, FP8Method, LinearMethod, NoDecodeMethod, NVFP4Method)
-from mixquant.utils.hf import iterate_tensors
+from mixquant.utils.hf import iterate_slices
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +97,8 @@ def target_module(name: str) -> tuple[str, str]:
 
 
 def load_tensor(modules: dict[str, torch.nn.Module], name: str, tensor: torch.Tensor) -> list[str] | None:
-    """Copies one checkpoint tensor into the model; returns the expected tensors it stands for (None: no place)."""
+    """Copies (this rank's part of) one checkpoint tensor, a torch tensor or a checkpoint slice, into the model;
+    returns the expected tensors it stands for (None: no place)."""
     stacked = STACKED_EXPERTS.match(name)
     if stacked and isinstance(experts := modules.get(stacked["experts"]), GroupedExperts):
         shards = experts.load_stacked(stacked["name"], tensor)
@@ -104,11 +112,17 @@ def load_tensor(modules: dict[str, torch.nn.Module], name: str, tensor: torch.Te
     if isinstance(module, Linear):
         module.load_shard(param_name, tensor, shard)
         return [name]
+    if isinstance(module, VocabEmbedding) and param_name == "weight":
+        try:
+            module.load_weight(tensor)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        return [name]
     if module is not None and isinstance(getattr(module, param_name, None), torch.Tensor):
         param = getattr(module, param_name)
         if param.shape != tensor.shape:
             raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model shape {tuple(param.shape)}")
-        param.data.copy_(tensor)
+        param.data.copy_(tensor[...])
         return [name]
     return None
 
@@ -171,13 +185,22 @@ class PrequantizedCheckpoint:
     tensors: dict[str, dict[int | tuple[int, str], ShardTensors]] = field(default_factory=lambda: defaultdict(dict))
 
 
+# the tensors of a compressed-tensors module with an input dim, which a row-parallel layer splits: weights (FP8, or
+# unquantized ones of ignored modules), NVFP4's packed bytes and block scales [N, K / 16]; FP8's weight_scale is per
+# output channel [N, 1]
+INPUT_DIM_TENSORS = {"fp8": ("weight",), "nvfp4": ("weight", "weight_packed", "weight_scale")}
+
+
 def read_prequantized(model: CausalLM, path: Path, device: torch.device) -> PrequantizedCheckpoint:
+    """The checkpoint's tensors of the model's phase-routed layers, each narrowed to this rank's part as it is read."""
     config = json.loads((path / "config.json").read_text())
     if "quantization_config" not in config:
         raise ValueError(f"prefill_model {path} has no quantization_config: it is not a compressed-tensors checkpoint")
     checkpoint = PrequantizedCheckpoint(ct.parse_quantization_config(config["quantization_config"]))
     suffixes = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale", "weight", "bias")
-    for checkpoint_name, tensor in iterate_tensors(path):
+    input_dim = INPUT_DIM_TENSORS[checkpoint.scheme.name]
+    modules = dict(model.named_modules())
+    for checkpoint_name, tensor in iterate_slices(path):
         name = model.checkpoint_name(checkpoint_name)
         if name is None:
             continue
@@ -185,7 +208,13 @@ def read_prequantized(model: CausalLM, path: Path, device: torch.device) -> Preq
         if param_name not in suffixes or ".layers." not in module_name or "norm" in module_name:
             continue  # embeddings, norms and the head come from the BF16 model
         target, shard = model_module_for(module_name)
-        checkpoint.tensors[target].setdefault(shard, {})[param_name] = tensor.to(device)
+        layer = modules.get(target)
+        if not isinstance(layer, PhaseRouted):
+            continue  # MoE routers, unquantized in every phase, come from the BF16 model too
+        if param_name == "weight_packed":
+            check_nvfp4_blocks(layer)
+        part = layer.shard_part(shard, tensor, has_input_dim=param_name in input_dim)
+        checkpoint.tensors[target].setdefault(shard, {})[param_name] = part.to(device)
     return checkpoint
 
 
@@ -196,14 +225,25 @@ def load_prefill_checkpoint(model: CausalLM, path: Path, device: torch.device) -
     checkpoint = read_prequantized(model, path, device)
     quantized = {layer.prefix for layer in model.phase_routed_layers() if layer.prefix in checkpoint.tensors
                  and not _is_unquantized(layer, [], checkpoint.scheme.ignore)}
-    load_weights(model, iterate_tensors(path), quantized)
+    load_weights(model, iterate_slices(path), quantized)
     return checkpoint
+
+
+def check_nvfp4_blocks(layer: PhaseRouted):
+    """NVFP4 quantizes blocks of 16 input columns, with one scale each: a rank must hold whole blocks."""
+    inputs = ((layer.total_intermediate_size, layer.intermediate_size) if isinstance(layer, GroupedExperts)
+              else (layer.total_input_size, layer.input_size))
+    if inputs[1] % nvfp4.BLOCK_SIZE:
+        split = f" ({inputs[0]} split over {get_tp_size()} ranks)" if inputs[0] != inputs[1] else ""
+        raise ValueError(f"{layer.prefix}: NVFP4 quantizes blocks of {nvfp4.BLOCK_SIZE} input columns, which a rank "
+                         f"holds whole, but this layer has {inputs[1]} input columns{split}")
 
 
 def _checkpoint_method(prefix: str, output_sizes: list[int], shards: dict[int, ShardTensors],
                        bias: torch.Tensor | None, scheme: ct.QuantScheme, native: bool,
-                       compute_dtype: torch.dtype) -> LinearMethod:
-    """The method of a linear map whose output rows are `output_sizes` checkpoint shards, from their tensors."""
+                       compute_dtype: torch.dtype, input_is_parallel: bool) -> LinearMethod:
+    """The method of a linear map whose output rows are `output_sizes` checkpoint shards (the rank's rows of them),
+    from their tensors."""
     if sorted(shards) != list(range(len(output_sizes))):
         raise ValueError(f"{prefix}: the prefill checkpoint has shards {sorted(shards)} of {len(output_sizes)}")
     ordered = [shards[i] for i in range(len(output_sizes))]
@@ -211,14 +251,14 @@ def _checkpoint_method(prefix: str, output_sizes: list[int], shards: dict[int, S
         qweight = torch.cat([s["weight"] for s in ordered])
         scale = torch.cat([s["weight_scale"].float().reshape(-1, 1).expand(s["weight"].shape[0], 1)
                            for s in ordered])
-        return FP8Method(qweight, scale, bias, native)
+        return FP8Method(qweight, scale, bias, native, input_is_parallel)
     packed = torch.cat([s["weight_packed"] for s in ordered])
     block_scale = torch.cat([s["weight_scale"] for s in ordered])
     row_scales = torch.cat([s["weight_global_scale"].float().reshape(1, 1).expand(s["weight_packed"].shape[0], 1)
                             for s in ordered])
     groups = _activation_groups(output_sizes, [s.get("input_global_scale") for s in ordered])
     return NVFP4Method(packed, block_scale, row_scales, groups, bias, native, compute_dtype,
-                       quantize_activations=scheme.activations_quantized)
+                       quantize_activations=scheme.activations_quantized, input_is_parallel=input_is_parallel)
 
 
 def _checkpoint_experts(layer: GroupedExperts, shards: dict[tuple[int, str], ShardTensors],
@@ -231,9 +271,10 @@ def _checkpoint_experts(layer: GroupedExperts, shards: dict[tuple[int, str], Sha
     inter, hidden = layer.intermediate_size, layer.hidden_size
     gate_up = [_checkpoint_method(f"{layer.prefix}.{e}", [inter, inter],
                                   {0: shards[(e, "gate_proj")], 1: shards[(e, "up_proj")]}, None, scheme, native,
-                                  compute_dtype) for e in range(layer.num_experts)]
+                                  compute_dtype, input_is_parallel=False) for e in range(layer.num_experts)]
     down = [_checkpoint_method(f"{layer.prefix}.{e}.down_proj", [hidden], {0: shards[(e, "down_proj")]}, None,
-                               scheme, native, compute_dtype) for e in range(layer.num_experts)]
+                               scheme, native, compute_dtype, input_is_parallel=layer.intermediate_is_parallel)
+            for e in range(layer.num_experts)]
     if scheme.name == "fp8":
         return FP8Experts.stack(gate_up, down, native)
     return NVFP4Experts(gate_up, down)
@@ -280,22 +321,26 @@ def _build_method(layer: PhaseRouted, precision: str, native: bool, compute_dtyp
     else quantized at load from the model-dtype weights."""
     shards = prequantized.tensors.get(layer.prefix) if prequantized else None
     from_checkpoint = precision != "bf16" and shards and prequantized.scheme.name == precision
+    if precision == "nvfp4":
+        check_nvfp4_blocks(layer)
     if isinstance(layer, GroupedExperts):
+        parallel = layer.intermediate_is_parallel
         if precision == "bf16":
             return BF16Experts(layer.w13, layer.w2)
         if from_checkpoint:
             return _checkpoint_experts(layer, shards, prequantized.scheme, native, compute_dtype)
         if precision == "fp8":
-            return FP8Experts.from_weight(layer.w13, layer.w2, native)
-        return NVFP4Experts.from_weight(layer.w13, layer.w2, native, compute_dtype)
+            return FP8Experts.from_weight(layer.w13, layer.w2, native, parallel)
+        return NVFP4Experts.from_weight(layer.w13, layer.w2, native, compute_dtype, parallel)
+    bias, parallel = layer.method_bias, layer.input_is_parallel
     if precision == "bf16":
-        return BF16Method(layer.weight, layer.bias)
+        return BF16Method(layer.weight, bias)
     if from_checkpoint:
-        return _checkpoint_method(layer.prefix, layer.output_sizes, shards, layer.bias, prequantized.scheme, native,
-                                  compute_dtype)
+        return _checkpoint_method(layer.prefix, layer.output_sizes, shards, bias, prequantized.scheme, native,
+                                  compute_dtype, parallel)
     if precision == "fp8":
-        return FP8Method.from_weight(layer.weight, layer.bias, native)
-    return NVFP4Method.from_weight(layer.weight, layer.output_sizes, layer.bias, native, compute_dtype)
+        return FP8Method.from_weight(layer.weight, bias, native, parallel)
+    return NVFP4Method.from_weight(layer.weight, layer.output_sizes, bias, native, compute_dtype, parallel)
 
 
 def assign_methods(model: CausalLM, config: EngineConfig, compute_dtype: torch.dtype,

@@ -99,6 +99,7 @@ class SharedExpertMoeBlock(SparseMoeBlock):
 
 class Qwen3_5ForCausalLM(CausalLM):
     unit_offset_norms = True
+    tensor_parallel = False  # the Gated DeltaNet layers and their state are not split by heads yet
     checkpoint_prefixes = {"model.language_model.": "model.", "model.visual.": None, "mtp.": None}
 
     def make_layer(self, config, layer_index: int, prefix: str, rotary_emb: RotaryEmbedding) -> nn.Module:

@@ -5,13 +5,17 @@ keeps its operands stacked too, which is what the grouped GEMM kernel (kernels/f
 LinearMethod per expert and projection as views of them, so that an expert computes exactly what a Linear of the
 same precision computes (same activation quantization, same float32 epilogue). Rows are routed to experts by the
 caller; every method returns sum_j topk_weights[r, j] * expert_{topk_ids[r, j]}(x[r]).
+
+intermediate_is_parallel: the experts hold one tensor-parallel rank's part of the intermediate dim (w13's rows,
+w2's columns); the down projections then quantize as row-parallel linears do (whole-row statistics), and each
+method returns the rank's partial sum, which GroupedExperts all-reduces.
 """
 from __future__ import annotations
 
 import torch
 
 from mixquant.quantization import fp8
-from mixquant.quantization.linear_methods import BF16Method, FP8Method, LinearMethod, NVFP4Method
+from mixquant.quantization.linear_methods import BF16Method, FP8Method, LinearMethod, NVFP4Method, row_amax
 
 
 class ExpertsMethod:
@@ -74,28 +78,34 @@ class FP8Experts(ExpertsMethod):
 
     precision = "fp8"
 
-    def __init__(self, q13: torch.Tensor, s13: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, native: bool):
+    def __init__(self, q13: torch.Tensor, s13: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, native: bool,
+                 intermediate_is_parallel: bool = False):
         self.q13, self.s13, self.q2, self.s2 = q13, s13.float(), q2, s2.float()
         self.mode = "native" if native else "emulated"
+        self.intermediate_is_parallel = intermediate_is_parallel
         self.gate_up = [FP8Method(q, s, None, native) for q, s in zip(self.q13, self.s13)]
-        self.down = [FP8Method(q, s, None, native) for q, s in zip(self.q2, self.s2)]
+        self.down = [FP8Method(q, s, None, native, intermediate_is_parallel) for q, s in zip(self.q2, self.s2)]
 
     @classmethod
-    def from_weight(cls, w13: torch.Tensor, w2: torch.Tensor, native: bool) -> FP8Experts:
-        return cls(*fp8.quantize_rowwise(w13), *fp8.quantize_rowwise(w2), native)
+    def from_weight(cls, w13: torch.Tensor, w2: torch.Tensor, native: bool,
+                    intermediate_is_parallel: bool = False) -> FP8Experts:
+        return cls(*fp8.quantize_rowwise(w13), *fp8.quantize_rowwise(w2, row_amax(w2, intermediate_is_parallel)),
+                   native, intermediate_is_parallel)
 
     @classmethod
     def stack(cls, gate_up: list[FP8Method], down: list[FP8Method], native: bool) -> FP8Experts:
         """From one FP8Method per expert and projection (a checkpoint's per-expert tensors)."""
         return cls(torch.stack([m.qweight for m in gate_up]), torch.stack([m.weight_scale for m in gate_up]),
-                   torch.stack([m.qweight for m in down]), torch.stack([m.weight_scale for m in down]), native)
+                   torch.stack([m.qweight for m in down]), torch.stack([m.weight_scale for m in down]), native,
+                   down[0].input_is_parallel)
 
     def __call__(self, x, topk_weights, topk_ids, out=None, activation="silu"):
         if self.mode == "native" and x.is_cuda:
             from mixquant.kernels.fused_moe import fused_experts
 
             return fused_experts(x, self.q13, self.q2, topk_weights, topk_ids, w13_scale=self.s13,
-                                 w2_scale=self.s2, out=out, activation=activation)
+                                 w2_scale=self.s2, out=out, activation=activation,
+                                 intermediate_is_parallel=self.intermediate_is_parallel)
         return super().__call__(x, topk_weights, topk_ids, out, activation)
 
 
@@ -110,8 +120,9 @@ class NVFP4Experts(ExpertsMethod):
         self.mode = gate_up[0].mode
 
     @classmethod
-    def from_weight(cls, w13: torch.Tensor, w2: torch.Tensor, native: bool,
-                    compute_dtype: torch.dtype) -> NVFP4Experts:
+    def from_weight(cls, w13: torch.Tensor, w2: torch.Tensor, native: bool, compute_dtype: torch.dtype,
+                    intermediate_is_parallel: bool = False) -> NVFP4Experts:
         half = w13.shape[1] // 2
         return cls([NVFP4Method.from_weight(w, [half, half], None, native, compute_dtype) for w in w13],
-                   [NVFP4Method.from_weight(w, [w.shape[0]], None, native, compute_dtype) for w in w2])
+                   [NVFP4Method.from_weight(w, [w.shape[0]], None, native, compute_dtype, intermediate_is_parallel)
+                    for w in w2])

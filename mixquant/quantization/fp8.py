@@ -35,14 +35,15 @@ class QuantizedRows:
         return self.data.shape
 
 
-def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rowwise(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the last dim of x with one scale per row; returns (q [..., K] float8_e4m3fn, scale [..., 1] float32).
 
     The largest element of each row maps to +-448. Statistics are taken in float32 whatever x's dtype (llm-compressor
-    would compute the scale and the division in bf16 for a bf16 weight; float32 is never less accurate).
+    would compute the scale and the division in bf16 for a bf16 weight; float32 is never less accurate). amax: the
+    rows' largest magnitudes [..., 1] where x holds only part of each row (a tensor-parallel rank's columns).
     """
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX
+    scale = (xf.abs().amax(dim=-1, keepdim=True) if amax is None else amax.float()) / FP8_MAX
     scale = torch.where(scale == 0, _ZERO_ROW_SCALE, scale)
     # The cast rounds to nearest-even; the clamp guards the cast, which older torch turns into NaN past 448.
     q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mixquant.distributed.parallel_state import all_reduce_max
 from mixquant.layers.activation import GATED_ACTIVATIONS
 from mixquant.quantization import fp8, nvfp4
 
@@ -33,6 +34,14 @@ class LinearMethod:
 
     def __repr__(self) -> str:
         return f"{self.precision}({self.mode})"
+
+
+def row_amax(x: torch.Tensor, input_is_parallel: bool) -> torch.Tensor:
+    """The largest |x| of each row, float32 [..., 1]. input_is_parallel: each tensor-parallel rank holds part of every
+    row (a row-parallel layer's input), and the max is taken over the whole row, so that a rank quantizes its part
+    exactly as the unsplit layer quantizes it."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    return all_reduce_max(amax) if input_is_parallel else amax
 
 
 class BF16Method(LinearMethod):
@@ -62,21 +71,28 @@ class NoDecodeMethod(LinearMethod):
 
 
 class FP8Method(LinearMethod):
-    """W8A8 E4M3: per-output-channel weight scales, dynamic per-token activation scales."""
+    """W8A8 E4M3: per-output-channel weight scales, dynamic per-token activation scales.
+
+    input_is_parallel (a row-parallel layer's rank): weights and activations hold part of each row; both scales
+    come from the whole row's amax, all-reduced over the ranks ([rows, 1] each), so each rank quantizes exactly as
+    one device does."""
 
     precision = "fp8"
 
-    def __init__(self, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, native: bool):
+    def __init__(self, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, native: bool,
+                 input_is_parallel: bool = False):
         self.qweight, self.weight_scale, self.bias = qweight, weight_scale.float().reshape(-1, 1), bias
         self.mode = "native" if native else "emulated"
-        self.takes_quantized_rows = native
+        self.input_is_parallel = input_is_parallel
+        self.takes_quantized_rows = native and not input_is_parallel
         if native and (qweight.shape[0] % 16 or qweight.shape[1] % 16):
             raise ValueError(f"FP8 GEMMs need both weight dims divisible by 16, got {tuple(qweight.shape)}")
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, native: bool) -> FP8Method:
-        qweight, scale = fp8.quantize_rowwise(weight)
-        return cls(qweight, scale, bias, native)
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, native: bool,
+                    input_is_parallel: bool = False) -> FP8Method:
+        qweight, scale = fp8.quantize_rowwise(weight, row_amax(weight, input_is_parallel))
+        return cls(qweight, scale, bias, native, input_is_parallel)
 
     def __call__(self, x, out=None, activation=None):
         if self.mode != "native":
@@ -87,6 +103,9 @@ class FP8Method(LinearMethod):
 
         if isinstance(x, fp8.QuantizedRows):
             xq, x_scale = x.data, x.scale
+        elif self.input_is_parallel:  # the fused kernels see this rank's part of each row only
+            x = GATED_ACTIVATIONS[activation](x) if activation else x
+            xq, x_scale = fp8.quantize_rowwise(x, row_amax(x, True))
         else:
             xq, x_scale = gated_quant_fp8(x, activation) if activation else per_token_quant_fp8(x)
         kwargs = {} if out is None else {"out": out}
@@ -94,7 +113,7 @@ class FP8Method(LinearMethod):
                                 bias=self.bias, out_dtype=x.dtype, **kwargs)
 
     def apply(self, x, out):
-        xq, x_scale = fp8.quantize_rowwise(x)
+        xq, x_scale = fp8.quantize_rowwise(x, row_amax(x, self.input_is_parallel))
         result = fp8.scaled_mm_reference(xq, x_scale, self.qweight, self.weight_scale, x.dtype)
         result = result if self.bias is None else result + self.bias
         return result if out is None else out.copy_(result)
@@ -116,15 +135,19 @@ class NVFP4Method(LinearMethod):
     scales stay exact: alpha = 1 / (gs_x * gs_w) is applied per row and column in the fp32 epilogue. Without a
     calibrated input global scale, activations get a dynamic per-token one, which keeps every row independent of
     the others in its batch. Weight-only checkpoints (NVFP4A16) keep activations in the model dtype.
+
+    Under tensor parallelism a rank holds whole 16-element blocks only (the loader checks), so block scales are
+    local; the global scales are not: a weight shard's comes from its amax over all ranks (or the checkpoint), and
+    with input_is_parallel (a row-parallel layer) the dynamic per-token one from the whole row's amax, all-reduced.
     """
 
     precision = "nvfp4"
 
     def __init__(self, packed: torch.Tensor, block_scale: torch.Tensor, weight_global_scale: torch.Tensor,
                  groups: list[ActivationGroup], bias: torch.Tensor | None, native: bool, compute_dtype: torch.dtype,
-                 quantize_activations: bool = True):
+                 quantize_activations: bool = True, input_is_parallel: bool = False):
         self.packed, self.block_scale = packed, block_scale
-        self.quantize_activations = quantize_activations
+        self.quantize_activations, self.input_is_parallel = quantize_activations, input_is_parallel
         native = native and quantize_activations  # FP4 tensor cores take FP4 operands on both sides
         self.weight_global_scale = weight_global_scale.float().reshape(-1, 1)  # [N, 1]
         self.groups, self.bias, self.compute_dtype = groups, bias, compute_dtype
@@ -136,14 +159,16 @@ class NVFP4Method(LinearMethod):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, shard_sizes: list[int], bias: torch.Tensor | None, native: bool,
-                    compute_dtype: torch.dtype) -> NVFP4Method:
-        shards = torch.split(weight, shard_sizes)
-        row_scales = torch.cat([
-            nvfp4.global_scale_from_amax(s.abs().amax().float()).reshape(1, 1).expand(s.shape[0], 1) for s in shards
-        ])
+                    compute_dtype: torch.dtype, input_is_parallel: bool = False) -> NVFP4Method:
+        """shard_sizes: the rank's rows of each checkpoint shard; each shard's global scale is its whole amax (all
+        ranks' parts of it)."""
+        amax = all_reduce_max(torch.stack([s.abs().amax() for s in torch.split(weight, shard_sizes)]).float())
+        row_scales = torch.cat([nvfp4.global_scale_from_amax(a).reshape(1, 1).expand(n, 1)
+                                for a, n in zip(amax, shard_sizes)])
         packed, block_scale = nvfp4.quantize(weight, row_scales)
         groups = [ActivationGroup(0, weight.shape[0], None)]
-        return cls(packed, block_scale, row_scales, groups, bias, native, compute_dtype)
+        return cls(packed, block_scale, row_scales, groups, bias, native, compute_dtype,
+                   input_is_parallel=input_is_parallel)
 
     def apply(self, x, out):
         outs = [self._group_mm(x, g) for g in self.groups]
@@ -158,7 +183,7 @@ class NVFP4Method(LinearMethod):
             acc = _mm_fp32(x.to(self.compute_dtype), self.weight_unscaled[group.start:group.end].t())
             return acc / w_gs.t()
         if group.input_global_scale is None:
-            x_gs = nvfp4.global_scale_from_amax(x.abs().amax(dim=-1, keepdim=True).float())  # [M, 1]
+            x_gs = nvfp4.global_scale_from_amax(row_amax(x, self.input_is_parallel))  # [M, 1]
         else:
             x_gs = group.input_global_scale.float().reshape(1, 1)
         x_packed, x_block_scale = nvfp4.quantize(x, x_gs)

@@ -74,6 +74,9 @@ def calibrate_input_amax(engine: LLMEngine, texts: list[str]) -> dict[str, torch
             observe(f"{layer.prefix}.{e}.gate_proj", rows)
             observe(f"{layer.prefix}.{e}.down_proj", GATED_ACTIVATIONS[layer.activation](rows @ layer.w13[e].t()))
 
+    if engine.config.tensor_parallel_size > 1:
+        raise ValueError("calibration hooks see one rank's part of each row-parallel layer's input: calibrate with "
+                         "tensor_parallel_size=1")
     model = engine.runner.model
     hooks = [layer.register_forward_pre_hook(linear_input, with_kwargs=True) for layer in model.linear_layers()]
     experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]

@@ -146,7 +146,8 @@ class AsyncEngine:
 
     @property
     def dead_error(self) -> BaseException | None:
-        return self._stopped_because
+        """Why no request can be served: the engine thread stopped, or a rank of the engine died (even while idle)."""
+        return self._stopped_because or self.engine.failure
 
     @property
     def num_pending_requests(self) -> int:
@@ -156,8 +157,8 @@ class AsyncEngine:
 
     async def submit(self, prompts: list[list[int]], params: SamplingParams) -> RequestGroup:
         """Hands one request per prompt to the engine; raises ValueError if the engine refuses one of them."""
-        if self._stopped_because is not None:
-            raise EngineDeadError(f"the engine is not running ({self._stopped_because})")
+        if self.dead_error is not None:
+            raise EngineDeadError(f"the engine is not running ({self.dead_error})")
         if self.num_pending_requests + len(prompts) > self.max_pending_requests:
             raise EngineOverloadedError(
                 f"the server is overloaded: {self.num_pending_requests} requests are pending and at most "

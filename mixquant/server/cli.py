@@ -93,6 +93,8 @@ def register(subparsers):
                         help='disaggregated prefill/decode (docs/distributed.md), vLLM\'s JSON: '
                              '\'{"kv_connector": "NixlConnector", "kv_role": "kv_both"}\'; kv_producer only '
                              'prefills, kv_consumer only decodes; kv_ip and kv_port: the NIXL side channel')
+    engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                        help="split the model over N GPUs (CPU processes with --device cpu), one process each")
     p.set_defaults(func=serve)
 
 
@@ -128,7 +130,8 @@ def run_server(args, chat_template: str | None) -> int:
         enable_prefix_caching=args.enable_prefix_caching, hf_overrides=args.hf_overrides, seed=args.seed,
         load_format=args.load_format, enforce_eager=args.enforce_eager,
         state_snapshot_interval=args.state_snapshot_interval, num_state_snapshots=args.num_state_snapshots,
-        kv_transfer_config=KVTransferConfig.from_dict(args.kv_transfer_config) if args.kv_transfer_config else None))
+        kv_transfer_config=KVTransferConfig.from_dict(args.kv_transfer_config) if args.kv_transfer_config else None,
+        tensor_parallel_size=args.tensor_parallel_size))
     config = ServerConfig(
         served_model_names=args.served_model_name or [args.model], model_path=str(engine.model_path),
         api_key=args.api_key, chat_template=chat_template,
@@ -145,7 +148,10 @@ def run_server(args, chat_template: str | None) -> int:
     # installed before it. Leaving a no-op one there makes that graceful shutdown end with exit code 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    try:
+        server.run()
+    finally:
+        engine.close()  # the ranks of a tensor-parallel engine stop with the server
     return 0
 
 
@@ -156,9 +162,11 @@ def startup_line(engine, config, host: str, port: int) -> str:
     attention, min_tokens = engine.config.prefill_attention, engine.config.fp8_attention_min_tokens
     attention = (f" | prefill attention {attention}{f' from {min_tokens:,} tokens' if min_tokens else ''}"
                  if attention != "bf16" else "")
+    ranks = engine.config.tensor_parallel_size
+    parallel = f" | tensor parallel {ranks}" if ranks > 1 else ""
     decode = "none (prefill only)" if engine.config.prefill_only else \
         f"{precisions['decode_precision']} ({precisions['decode_kernels']})"
-    return (f"mixquant serve: {names} ({config.model_path}) | prefill {precisions['prefill_precision']} "
+    return (f"mixquant serve: {names} ({config.model_path}){parallel} | prefill {precisions['prefill_precision']} "
             f"({precisions['prefill_kernels']}){attention} | decode {decode} | {nvfp4} | "
             f"KV cache {engine.kv_cache_tokens():,} tokens | max_model_len {engine.max_model_len}"
             f"{kv_transfer_line(engine)} | http://{host}:{port}/v1")

@@ -98,3 +98,22 @@ def iterate_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
+
+
+class CheckpointSlice:
+    """A checkpoint tensor that reads only what is indexed (`[rows, columns]`, `[...]` for all of it): a
+    tensor-parallel rank narrows to its part before any byte is copied. Valid until the iteration moves on."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self.shape = torch.Size(handle.get_shape())
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._handle[index]
+
+
+def iterate_slices(path: Path) -> Iterator[tuple[str, CheckpointSlice]]:
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, CheckpointSlice(f.get_slice(name))

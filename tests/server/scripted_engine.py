@@ -33,6 +33,7 @@ class ScriptedEngine:
         self.max_model_len = max_model_len
         self.config = ScriptedPrecisions()
         self.script = ""  # what every request added from now on generates
+        self.failure = None  # it never loses a rank
         self.requests: dict[str, ScriptedRequest] = {}
 
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams):
