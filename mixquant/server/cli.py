@@ -96,6 +96,31 @@ def register(subparsers):
     engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                         help="split the model over N GPUs (CPU processes with --device cpu), one process each")
     p.set_defaults(func=serve)
+    register_proxy(subparsers)
+
+
+def register_proxy(subparsers):
+    # registered here so that `mixquant bench` and the rest parse on machines without the server's dependencies
+    p = subparsers.add_parser("proxy", help="one OpenAI endpoint in front of prefill and decode instances "
+                                            "(vLLM's disaggregated proxy protocol; docs/distributed.md)",
+                              description="One OpenAI endpoint in front of prefill and decode instances: each "
+                                          "request is prefilled on the next prefill instance and decoded on the next "
+                                          "decode instance (vLLM's disaggregated proxy protocol; docs/distributed.md).")
+    p.add_argument("--prefill", nargs="+", default=[], metavar="URL",
+                   help="prefill instances (mixquant serve --kv-transfer-config ...), e.g. http://127.0.0.1:8100; "
+                        "none: requests go round-robin to the decode instances unchanged")
+    p.add_argument("--decode", nargs="+", required=True, metavar="URL", help="decode instances")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local connections only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    p.set_defaults(func=proxy)
+
+
+def proxy(args) -> int:
+    from mixquant.server.proxy import run_proxy
+
+    return run_proxy(args)
 
 
 def serve(args) -> int:
