@@ -10,7 +10,6 @@ SUBCOMMAND_MODULES = [
     "mixquant.entrypoints.generate",
     "mixquant.quantization.cli",
     "mixquant.server.cli",
-    "mixquant.server.proxy",
     "mixquant.eval.cli",
     "mixquant.bench.cli",
     "mixquant.fidelity.cli",

@@ -201,10 +201,16 @@ class EngineConfig:
         # fresh prefill segments shorter than this attend in the model dtype whatever prefill_attention says
         self.fp8_attention_min_tokens = 0
         self.prefill_attention_requested = self.prefill_attention
+        # why "auto" left FP8 attention off on a GPU that has FP8 tensor cores (the start line says it)
+        self.fp8_attention_missing: str | None = None
         if self.prefill_attention == "auto":
-            fast = self.prefill_precision == "fp8" and fp8_cudnn_unavailable_reason(self.device_obj) is None
+            missing = fp8_cudnn_unavailable_reason(self.device_obj)
+            fast = self.prefill_precision == "fp8" and missing is None
             self.prefill_attention = "fp8-cudnn" if fast else "bf16"
             self.fp8_attention_min_tokens = AUTO_FP8_ATTENTION_MIN_TOKENS if fast else 0
+            cap = compute_capability(self.device_obj)
+            if self.prefill_precision == "fp8" and missing and cap is not None and cap >= (9, 0):
+                self.fp8_attention_missing = missing
 
     def fp8_attention_unsupported(self, why: str):
         """The model's attention layers cannot take the FP8 prefill kernels (the runner knows them): an explicit
@@ -212,6 +218,7 @@ class EngineConfig:
         if self.prefill_attention_requested != "auto":
             raise ValueError(f"prefill_attention={self.prefill_attention!r} cannot run: {why}")
         self.prefill_attention, self.fp8_attention_min_tokens = "bf16", 0
+        self.fp8_attention_missing = None  # no package would turn it on for this model: the start line says nothing
 
     @property
     def prefill_only(self) -> bool:

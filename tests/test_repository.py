@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import subprocess
+import sys
+import textwrap
 import tomllib
 from pathlib import Path
 
@@ -107,3 +110,22 @@ def test_the_package_ships_the_checkpoint_and_no_training_code():
     imports = re.compile(r"^\s*(?:from|import)\s+training\b", re.M)
     found = [str(f.relative_to(ROOT)) for f in (ROOT / "mixquant").rglob("*.py") if imports.search(f.read_text())]
     assert (ROOT / "training" / "train.py").is_file() and not found, found
+
+
+def test_the_command_line_parses_without_the_server_dependencies():
+    # GPU machines for benchmarks often have torch and transformers but not fastapi, uvicorn or xgrammar
+    blocker = textwrap.dedent("""
+        import importlib.abc, sys
+        SERVER_ONLY = {"fastapi", "uvicorn", "starlette", "xgrammar", "nixl", "jsonschema"}
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in SERVER_ONLY:
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        sys.meta_path.insert(0, Block())
+        from mixquant.cli import build_parser
+        build_parser().parse_args(["bench", "prefill", "--shape", "qwen3-8b"])
+        import mixquant.bench.offline
+        print("parsed")
+    """)
+    result = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "parsed" in result.stdout, result.stderr

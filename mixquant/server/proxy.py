@@ -12,7 +12,6 @@ decode instances as they are (co-located instances behind the same front, for co
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import logging
@@ -237,21 +236,6 @@ def build_proxy_app(config: ProxyConfig) -> FastAPI:
         return Response(generate_latest(proxy.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def register(subparsers):
-    p = subparsers.add_parser("proxy", help="one OpenAI endpoint in front of prefill and decode instances "
-                                            "(vLLM's disaggregated proxy protocol; docs/distributed.md)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prefill", nargs="+", default=[], metavar="URL",
-                   help="prefill instances (mixquant serve --kv-transfer-config ...), e.g. http://127.0.0.1:8100; "
-                        "none: requests go round-robin to the decode instances unchanged")
-    p.add_argument("--decode", nargs="+", required=True, metavar="URL", help="decode instances")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local connections only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--uvicorn-log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug", "trace"])
-    p.set_defaults(func=run_proxy)
 
 
 def run_proxy(args) -> int:
