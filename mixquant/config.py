@@ -212,6 +212,14 @@ class EngineConfig:
             if self.prefill_precision == "fp8" and missing and cap is not None and cap >= (9, 0):
                 self.fp8_attention_missing = missing
 
+    def fp8_attention_unsupported(self, why: str):
+        """The model's attention layers cannot take the FP8 prefill kernels (the runner knows them): an explicit
+        FP8 choice is refused, 'auto' attends in the model dtype."""
+        if self.prefill_attention_requested != "auto":
+            raise ValueError(f"prefill_attention={self.prefill_attention!r} cannot run: {why}")
+        self.prefill_attention, self.fp8_attention_min_tokens = "bf16", 0
+        self.fp8_attention_missing = None  # no package would turn it on for this model: the start line says nothing
+
     @property
     def prefill_only(self) -> bool:
         """A disaggregated prefill instance (kv_role kv_producer): it never computes a decode row, so it has no

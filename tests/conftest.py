@@ -99,6 +99,66 @@ def tiny_qwen3_moe(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-moe"), "qwen3_moe", **TINY_MOE)
 
 
+# Gemma 4 in miniature, with each of its layer kinds: two sliding-window layers (head_dim 16, 2 KV heads, a window of
+# 8) and a full one (head_dim 32, 1 KV head, K = V); the MoE variant adds 4 experts, 2 a token, beside each MLP.
+TINY_GEMMA4 = dict(vocab_size=151936, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                   num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=8,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                   hidden_size_per_layer_input=0, final_logit_softcapping=30.0, max_position_embeddings=1024,
+                   rms_norm_eps=1e-6, bos_token_id=None, pad_token_id=0)
+TINY_GEMMA4_MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
+# Gemma 4's control tokens, added to the Qwen3 tokenizer as special tokens (as they are in Gemma's own)
+GEMMA4_CONTROL_TOKENS = ["<bos>", "<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|tool>", "<tool|>",
+                         "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>']
+GEMMA4_CHAT_TEMPLATE = Path(__file__).with_name("gemma4_chat_template.jinja")
+
+
+def gemma4_tokenizer():
+    """The Qwen3 tokenizer with Gemma 4's control tokens and chat template (tests/gemma4_chat_template.jinja)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(qwen3_tokenizer()))
+    tokenizer.add_tokens(GEMMA4_CONTROL_TOKENS, special_tokens=True)
+    tokenizer.bos_token, tokenizer.eos_token = "<bos>", "<turn|>"
+    tokenizer.chat_template = GEMMA4_CHAT_TEMPLATE.read_text()
+    return tokenizer
+
+
+def save_tiny_gemma4(path: Path, moe: bool = False, seed: int = 0) -> Path:
+    """A Gemma4ForConditionalGeneration as the hub's: the language model under model.language_model, a (tiny)
+    vision tower beside it; every weight random, norms and scales around 1, with Gemma's tokens and template."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
+
+    text = Gemma4TextConfig(**TINY_GEMMA4, **(TINY_GEMMA4_MOE if moe else {}))
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=8)
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text.to_dict(), vision_config=vision,
+                                                        audio_config=None)).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(("scale", "layer_scalar")):  # multipliers: around 1, all different
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path)
+    tokenizer = gemma4_tokenizer()
+    tokenizer.save_pretrained(path)
+    (path / "generation_config.json").write_text(f'{{"eos_token_id": [{tokenizer.eos_token_id}]}}')
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4(tmp_path_factory) -> Path:
+    return save_tiny_gemma4(tmp_path_factory.mktemp("tiny-gemma4"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4_moe(tmp_path_factory) -> Path:
+    return save_tiny_gemma4(tmp_path_factory.mktemp("tiny-gemma4-moe"), moe=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", tie_word_embeddings=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mixquant.bench.shapes import prefill_flops
+from mixquant.bench.shapes import experts_per_token, prefill_flops
 from mixquant.config import EngineConfig
 from mixquant.engine.llm_engine import LLMEngine
 from mixquant.layers.fused_moe import GroupedExperts
@@ -200,7 +200,8 @@ def bench_decode(model: str, pairs: list[str], batches: list[int], context: int,
         engine = _engine(model, pair, context + steps + 64, 16384, max(batches), hf_overrides, eager=eager,
                          tensor_parallel_size=tensor_parallel_size)
         notes = memory_notes(engine)
-        kv_per_token = engine.model_runner.kv_bytes_per_block() / engine.config.block_size
+        layout = engine.model_runner.kv_layout
+        kv_per_token = layout.bytes_per_token()
         pool = engine.model_runner.state_pool  # a recurrent state is read and written whole every step
         state_per_sequence = 2 * pool.bytes_per_row if pool is not None else 0
         for batch in batches:
@@ -213,8 +214,10 @@ def bench_decode(model: str, pairs: list[str], batches: list[int], context: int,
             for i in range(batch):
                 engine.abort_request(f"d{i}")
             prefill, decode = pair.split("/")
-            bytes_per_step = (_decode_weight_bytes(engine, batch)
-                              + batch * ((context + steps) * kv_per_token + state_per_sequence))
+            # each row reads all its positions in full-attention layers and its window's in sliding ones
+            kv_read = (kv_per_token["full"] * (context + steps)
+                       + kv_per_token["sliding"] * min(context + steps, layout.window or 0))
+            bytes_per_step = _decode_weight_bytes(engine, batch) + batch * (kv_read + state_per_sequence)
             rows.append(Row("decode", "mixquant", prefill, decode, context, batch, batch / t, t,
                             gbps=bytes_per_step / t / 1e9,
                             notes={**notes, "cuda_graphs": bool(engine.model_runner.graphs)}))
@@ -305,7 +308,7 @@ def _decode_weight_bytes(engine: LLMEngine, batch: int) -> int:
         method = layer.decode_method
         if isinstance(layer, GroupedExperts):
             experts = layer.num_experts
-            top_k = engine.hf_config.num_experts_per_tok
+            top_k = experts_per_token(engine.hf_config)
             reached = experts * (1 - (1 - top_k / experts) ** batch)
             per_expert = _nbytes(_method_tensors(method)) / experts
             total += int(reached * per_expert)

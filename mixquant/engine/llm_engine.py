@@ -86,8 +86,10 @@ class LLMEngine:
         state_slots = None
         if self.model_runner.state_pool is not None:
             state_slots = StateSlots(self.model_runner.state_pool, config.block_size, config.state_snapshot_interval)
+        layout = self.model_runner.kv_layout
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
-                                          config.prefill_precision, config.decode_precision, state_slots)
+                                          config.prefill_precision, config.decode_precision, state_slots,
+                                          layout.window, layout.window_units)
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, Request] = {}
         self.waiting_for_grammar: dict[str, Request] = {}  # kept from the scheduler until their grammar compiled
@@ -99,7 +101,7 @@ class LLMEngine:
         """Runs the kinds of step serving meets (a full-budget prefill, a short one, a prefill beside decodes,
         decodes) on dummy prompts, so that kernel compilation (torch.compile's fused kernels, Triton's JIT) is
         paid here and not by the first requests; then leaves no trace of them."""
-        capacity = self.block_manager.num_blocks * self.config.block_size
+        capacity = self.kv_cache_tokens()
         long_len = max(2, min(self.config.max_num_batched_tokens, self.max_model_len, capacity) - 8)
         # a prefill-only engine has no decode weights: its warm-up computes prompts only, as its requests do
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
@@ -152,7 +154,7 @@ class LLMEngine:
     def _check_kv_capacity(self):
         """One sequence may grow to max_model_len tokens: a cache that cannot hold them would preempt that sequence
         to let it grow, over and over (vLLM refuses such a configuration at start-up too)."""
-        capacity = self.runner.num_blocks * self.config.block_size
+        capacity = self.kv_cache_tokens()
         if capacity < self.max_model_len:
             raise ValueError(f"the KV cache holds {capacity} tokens, fewer than max_model_len={self.max_model_len} "
                              "that one sequence may reach: lower max_model_len, or give the KV cache more memory "
@@ -249,9 +251,11 @@ class LLMEngine:
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens, which leaves no room to generate within "
                              f"max_model_len={self.max_model_len}")
-        if self.block_manager.blocks_needed(len(token_ids) + 1) > self.block_manager.num_blocks:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens but the KV cache holds only "
-                             f"{self.block_manager.num_blocks * self.config.block_size}")
+        needed = self.block_manager.peak_units(len(token_ids) + 1, self.config.max_num_batched_tokens)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens, whose KV takes {needed} blocks of "
+                             f"{self.config.block_size} tokens, but the KV cache holds only "
+                             f"{self.block_manager.num_blocks}")
 
     def abort_request(self, request_id: str) -> bool:
         request = self.requests.pop(request_id, None)
@@ -444,6 +448,7 @@ class LLMEngine:
             "prefix_cache_queries": bm.prefix_cache_queries,
             "prefix_cache_hits": bm.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_window_blocks_released": bm.window_blocks_released,
             "prompt_tokens": self.num_prompt_tokens,
             "generation_tokens": self.num_generation_tokens,
             "tokens_computed": {f"{phase}/{precision}": n for (phase, precision), n in self.tokens_computed.items()},
@@ -457,7 +462,9 @@ class LLMEngine:
             self.kv_connector.close()
 
     def kv_cache_tokens(self) -> int:
-        return self.block_manager.num_blocks * self.config.block_size
+        """The most tokens one sequence can hold in the KV cache (with sliding-window layers, fewer than the units
+        times block_size: their blocks within the window take units too)."""
+        return self.model_runner.kv_layout.max_tokens(self.runner.num_blocks, self.config.max_num_batched_tokens)
 
     # ---- scoring -------------------------------------------------------------------------------------------------
 
@@ -509,7 +516,8 @@ class LLMEngine:
 
     def _check_kv_transfer(self):
         """KV moved between engines (export/import, or a disaggregated instance's NIXL transfers) carries no
-        recurrent state."""
+        recurrent state, and the blocks of one cache group (not those of sliding-window layers)."""
+        self.model_runner.check_block_transfer()
         if self.model_runner.state_pool is not None:
             raise ValueError("KV transfer does not carry the recurrent state of Gated DeltaNet layers, without which "
                              "the KV alone resumes nothing: not supported for this model (export_kv, "

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from mixquant.config import EngineConfig, Phase, phase_boundary
 from mixquant.distributed.parallel_state import min_over_ranks
+from mixquant.engine.kv_cache import KVCacheLayout, KVCacheTensor
 from mixquant.engine.prefill_graphs import PrefillGraphs, prefill_buckets
 from mixquant.engine.scheduler import ScheduledBatch
 from mixquant.engine.sequence import Sequence
 from mixquant.engine.state_slots import StatePool
+from mixquant.layers.attention import first_window_block
 from mixquant.models import loader
 from mixquant.utils.context import AttentionSegment, ForwardContext, StateSegments, forward_context
 from mixquant.utils.hf import iterate_slices, resolve_model_path
@@ -50,11 +52,12 @@ class StepInputs:
     rows_per_phase: dict[Phase, int]  # tokens of each phase by the phase rule, whatever the layout
 
 
-def rows_positions_and_slots(starts: list[int], ends: list[int], blocks: list[int], block_size: int
+def rows_positions_and_slots(starts: list[int], ends: list[int], blocks, block_size: int
                              ) -> tuple[np.ndarray, np.ndarray]:
     """The positions and KV-cache slots of a step's rows, segment after segment, with no Python loop over rows (a
     long prompt's 8k rows cost milliseconds that way, with the GPU idle). `blocks` holds, segment after segment,
-    the block-table entries each segment's rows fall in: table[start // block_size:(end - 1) // block_size + 1]."""
+    the block-table entries each segment's rows fall in: table[start // block_size:(end - 1) // block_size + 1];
+    entries of several units each (a sliding-window block's, one per cache group) give slots [rows, units]."""
     start, end = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
     lengths = end - start
     first_row = np.cumsum(lengths) - lengths
@@ -62,7 +65,8 @@ def rows_positions_and_slots(starts: list[int], ends: list[int], blocks: list[in
     first_block = np.cumsum(num_blocks) - num_blocks  # where each segment's entries begin in `blocks`
     positions = np.arange(lengths.sum()) + np.repeat(start - first_row, lengths)
     block_index = np.repeat(first_block - start // block_size, lengths) + positions // block_size
-    return positions, np.asarray(blocks, dtype=np.int64)[block_index] * block_size + positions % block_size
+    units = np.asarray(blocks, dtype=np.int64)[block_index]
+    return positions, units * block_size + (positions % block_size).reshape(-1, *[1] * (units.ndim - 1))
 
 
 class ModelRunner:
@@ -72,6 +76,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.model = loader.build_model(hf_config, dtype, self.device, max_model_len)
+        self.kv_layout = KVCacheLayout(self.model.attention_layers(), self.block_size, dtype)
         if config.prefill_attention != "bf16":
             self._check_fp8_prefill_attention()
         self.state_pool = self._allocate_state_pool()
@@ -112,19 +117,19 @@ class ModelRunner:
                     logger.warning("prefill CUDA graphs disabled, capture failed: %s", e)
 
     def _check_fp8_prefill_attention(self):
-        """The FP8 prefill kernels' limits (both take head_dim 64 or 128), said at startup rather than at the first
-        long prompt. Where "auto" chose them, a model outside the limits attends in the model dtype instead."""
+        """The FP8 prefill kernels' limits (both take head_dim 64 or 128, full causal attention), said at startup
+        rather than at the first long prompt. Where "auto" chose them, a model outside the limits attends in the
+        model dtype instead (EngineConfig.fp8_attention_unsupported)."""
         from mixquant.kernels.fp8_attention import HEAD_DIMS
 
-        head_dim = self.model.attention_layers()[0].head_dim
-        if head_dim not in HEAD_DIMS or self.dtype not in (torch.bfloat16, torch.float16):
-            if self.config.prefill_attention_requested == "auto":
-                logger.info("prefill attention in the model dtype: the FP8 kernels take head_dim in %s, this model "
-                            "has %d", HEAD_DIMS, head_dim)
-                self.config.prefill_attention, self.config.fp8_attention_min_tokens = "bf16", 0
-                return
-            raise ValueError(f"prefill_attention={self.config.prefill_attention!r} needs head_dim in {HEAD_DIMS} and "
-                             f"a 16-bit dtype; this model has head_dim {head_dim}, dtype {self.dtype}")
+        misfits = sorted({(layer.head_dim, layer.window) for layer in self.model.attention_layers()
+                          if layer.head_dim not in HEAD_DIMS or layer.window is not None}, key=str)
+        if not misfits and self.dtype in (torch.bfloat16, torch.float16):
+            return
+        why = (f"it needs head_dim in {HEAD_DIMS}, no sliding window and a 16-bit dtype; this model has "
+               f"(head_dim, window) {misfits or 'fine'}, dtype {self.dtype}")
+        self.config.fp8_attention_unsupported(why)
+        logger.info("prefill attention in the model dtype: %s", why)
 
     def _prefill_attention(self) -> dict:
         """The ForwardContext fields that say which prefill segments attend in FP8 (EngineConfig decides)."""
@@ -160,13 +165,13 @@ class ModelRunner:
     # ---- KV cache -------------------------------------------------------------------------------------------
 
     def kv_bytes_per_block(self) -> int:
-        attn = self.model.attention_layers()[0]
-        per_layer = 2 * self.block_size * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize
-        return per_layer * len(self.model.attention_layers())
+        """Bytes of one unit of the KV pool (a block of every layer, in a model without sliding windows)."""
+        return self.kv_layout.unit_bytes
 
     def _allocate_kv_cache(self) -> int:
         per_block = self.kv_bytes_per_block()
-        useful = self.config.max_num_seqs * -(-self.max_model_len // self.block_size) + 1
+        useful = self.config.max_num_seqs * self.kv_layout.peak_units(
+            self.max_model_len, self.config.max_num_batched_tokens) + 1
         if self.config.num_kv_blocks is not None:
             num_blocks = self.config.num_kv_blocks
         elif self.config.kv_cache_memory_bytes is not None:
@@ -181,17 +186,14 @@ class ModelRunner:
                              "gpu_memory_utilization / kv_cache_memory_bytes")
         # one block more than the block manager hands out: padded rows of captured decode graphs write there
         self.scratch_block = num_blocks
-        self.kv_cache = self._bind_kv_cache(num_blocks + 1)
+        self.kv_cache = self.kv_layout.bind(num_blocks + 1, self.device)
+        logger.info("KV cache: %d units; %s", num_blocks, self.kv_layout.describe())
         return num_blocks
 
-    def _bind_kv_cache(self, num_blocks: int) -> torch.Tensor:
-        """[2, layers, blocks, block_size, kv_heads, head_dim], with each attention layer given its K and V views."""
-        layers = self.model.attention_layers()
-        shape = (2, len(layers), num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
-        cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        for i, layer in enumerate(layers):
-            layer.k_cache, layer.v_cache = cache[0, i], cache[1, i]
-        return cache
+    def kv_cache_layers(self) -> list[KVCacheTensor]:
+        """Every attention layer's K and V cache, [units, block_size, kv_heads, head_dim] views into the pool, with
+        the cache group whose tables index it (engine/kv_cache.py)."""
+        return self.kv_layout.tensors()
 
     def _gpu_kv_budget(self) -> int:
         """What is left of gpu_memory_utilization after the weights and the activations of the largest step."""
@@ -199,11 +201,10 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         probe_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
-        scratch = self._bind_kv_cache(-(-probe_tokens // self.block_size))
+        scratch = self.kv_layout.bind(-(-probe_tokens // self.block_size), self.device)
         self._probe_forward(probe_tokens)
         peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
-        for layer in self.model.attention_layers():
-            layer.k_cache = layer.v_cache = torch.empty(0)
+        self.kv_layout.unbind()
         del scratch
         gc.collect()  # memory of engines dropped before this one is handed back only once they are collected
         torch.cuda.empty_cache()
@@ -219,29 +220,51 @@ class ModelRunner:
             state = StateSegments(torch.zeros(1, dtype=torch.long, device=self.device),
                                   torch.zeros(1, dtype=torch.bool, device=self.device), [0, num_tokens],
                                   torch.tensor([0, num_tokens], device=self.device), 1)
-        ctx = ForwardContext(num_prefill_rows=num_tokens, slot_mapping=positions,
-                             segments=[AttentionSegment(0, num_tokens, 0, torch.arange(1, device=self.device))],
-                             state=state, **self._prefill_attention())
+        table = torch.arange(-(-num_tokens // self.block_size), device=self.device)
+
+        def probe_context() -> ForwardContext:  # every group's rows write and read the same scratch units
+            return ForwardContext(num_prefill_rows=num_tokens, slot_mapping=positions,
+                                  segments=[AttentionSegment(0, num_tokens, 0, table)], state=state,
+                                  **self._prefill_attention())
+
+        ctx = probe_context()
+        ctx.kv_groups = [probe_context() for _ in self.kv_layout.groups[1:]]
         with torch.inference_mode(), forward_context(ctx):
             hidden = self.model(ids, positions)
             self.model.compute_logits(hidden[-self.config.max_num_seqs:])
         torch.cuda.synchronize()
 
     def kv_cache_tensors(self) -> list[torch.Tensor]:
-        """The tensors that hold the KV cache, as a KV connector registers them with its transport."""
+        """The tensors that hold the KV cache, as a KV connector registers them with its transport: the pool."""
         return [self.kv_cache]
 
     def kv_block_planes(self) -> list[torch.Tensor]:
         """Views [blocks, ...] into kv_cache_tensors() in which each block is one contiguous run of bytes (K, then V,
-        of each layer): a KV connector moves a block as one run per plane, the same block id in every plane."""
-        return [self.kv_cache[kv, layer] for kv in range(2) for layer in range(self.kv_cache.shape[1])]
+        of each layer): a KV connector moves a block as one run per plane, the same block id in every plane. A unit
+        of the pool holds a block of every layer in one run, so the pool is the one plane (a model with one cache
+        group: check_block_transfer)."""
+        return [self.kv_cache]
+
+    def check_block_transfer(self):
+        """read_kv_blocks / write_kv_blocks move one cache group's blocks: models with sliding-window layers have
+        more."""
+        if len(self.kv_layout.groups) > 1:
+            raise ValueError("moving a request's KV block by block needs one cache group; this model's sliding-window "
+                             "layers keep theirs in other units (engine/kv_cache.py, kv_cache_layers)")
+
+    def _blocks_view(self) -> torch.Tensor:
+        """The pool as [2, layers, units, block_size, kv_heads, head_dim], for a model with one cache group."""
+        self.check_block_transfer()
+        group = self.kv_layout.groups[0]
+        shape = (self.kv_cache.shape[0], len(group.layers), 2, self.block_size, group.num_kv_heads, group.head_dim)
+        return self.kv_cache.view(shape).permute(2, 1, 0, 3, 4, 5)
 
     def read_kv_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """[2, layers, len(block_ids), block_size, kv_heads, head_dim]: a request's KV, for export."""
-        return self.kv_cache[:, :, torch.tensor(block_ids, device=self.device)].clone()
+        return self._blocks_view()[:, :, torch.tensor(block_ids, device=self.device)].clone()
 
     def write_kv_blocks(self, block_ids: list[int], data: torch.Tensor):
-        self.kv_cache[:, :, torch.tensor(block_ids, device=self.device)] = data.to(self.device, self.dtype)
+        self._blocks_view()[:, :, torch.tensor(block_ids, device=self.device)] = data.to(self.device, self.dtype)
 
     # ---- one step -----------------------------------------------------------------------------------------
 
@@ -308,10 +331,45 @@ class ModelRunner:
         ctx = ForwardContext(num_prefill, slot_mapping, segments=segments or None, block_tables=tables,
                              context_lens=lens, state=self._state_segments(ordered, row_starts, row),
                              **self._prefill_attention())
+        if self.kv_layout.window_units:
+            ctx.kv_groups = self._window_contexts(ordered, starts, ends, row_starts, tail, num_prefill, lens, dev)
         return StepInputs(torch.from_numpy(np.array(input_ids, dtype=np.int64)).to(dev),
                           torch.from_numpy(positions).to(dev), ctx, sample_rows, prompt_rows,
                           {phase: sum(seg.end - seg.start for segs in by_phase for seg in segs if seg.phase is phase)
                            for phase in Phase})
+
+    def _window_contexts(self, ordered: list[Segment], starts: list[int], ends: list[int], row_starts: list[int],
+                         tail: int, num_prefill: int, lens: torch.Tensor | None,
+                         dev: torch.device) -> list[ForwardContext]:
+        """The sliding-window cache groups' contexts for the same rows (engine/kv_cache.py): group j writes to and
+        reads from unit j of each block of the sequences' window tables, from each row's window on."""
+        bs, window, groups = self.block_size, self.kv_layout.window, self.kv_layout.window_units
+        written = [units for seg in ordered for units in seg.seq.window_table[seg.start // bs:(seg.end - 1) // bs + 1]]
+        slots = torch.from_numpy(rows_positions_and_slots(starts, ends, written, bs)[1].T.copy()).to(dev)
+        spans = [seg.seq.window_table[first_window_block(seg.start, window, bs):(seg.end - 1) // bs + 1]
+                 for seg in ordered[:tail]]
+        tables = torch.from_numpy(np.array([units for span in spans for units in span],
+                                           dtype=np.int64).reshape(-1, groups).T.copy()).to(dev)
+        offsets = np.cumsum([0] + [len(span) for span in spans])
+        decode_tables = self._window_decode_tables(ordered[tail:], dev) if lens is not None else None
+        return [ForwardContext(num_prefill, slots[j],
+                               segments=[AttentionSegment(row, row + seg.end - seg.start, seg.start,
+                                                          tables[j, offsets[k]:offsets[k + 1]])
+                                         for k, (row, seg) in enumerate(zip(row_starts[:tail], ordered[:tail]))]
+                               or None,
+                               block_tables=None if decode_tables is None else decode_tables[j], context_lens=lens,
+                               **self._prefill_attention())
+                for j in range(groups)]
+
+    def _window_decode_tables(self, segments: list[Segment], device: torch.device) -> torch.Tensor:
+        """[window groups, rows, width] int32: each decode row's window units, from its window's first block."""
+        bs, window = self.block_size, self.kv_layout.window
+        spans = [seg.seq.window_table[first_window_block(seg.start, window, bs):seg.start // bs + 1]
+                 for seg in segments]
+        tables = np.zeros((len(spans), max(len(span) for span in spans), self.kv_layout.window_units), dtype=np.int32)
+        for row, span in enumerate(spans):
+            tables[row, :len(span)] = span
+        return torch.from_numpy(tables.transpose(2, 0, 1).copy()).to(device)
 
     @staticmethod
     def _decode_tables(segments: list[Segment], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,13 +394,10 @@ class ModelRunner:
                 return self.model(inputs.input_ids, inputs.positions)
         # the prefill rows alone, all in prefill precision (so the norms may hand FP8 rows to the projections), then
         # the decode rows, which read the K/V the prefill rows have just written
-        prefill = replace(ctx, slot_mapping=ctx.slot_mapping[:split], block_tables=None, context_lens=None,
-                          state=ctx.state.prefill() if ctx.state else None)
-        hidden = self._prefill_forward(inputs.input_ids[:split], inputs.positions[:split], prefill)
+        hidden = self._prefill_forward(inputs.input_ids[:split], inputs.positions[:split], ctx.prefill_part(split))
         if split == rows:
             return hidden
-        decode = ForwardContext(0, ctx.slot_mapping[split:], block_tables=ctx.block_tables,
-                                context_lens=ctx.context_lens, state=ctx.state.decode() if ctx.state else None)
+        decode = ctx.decode_part(split)
         return torch.cat([hidden, self._decode_forward(inputs.input_ids[split:], inputs.positions[split:], decode)])
 
     @staticmethod
@@ -375,13 +430,18 @@ class ModelRunner:
         sizes = sorted({1, 2, 4, 8, *range(16, max_rows + 1, 16), max_rows})
         dev = self.device
         max_blocks = -(-self.max_model_len // self.block_size)
+        groups = self.kv_layout.window_units
+        scratch_slot = self.scratch_block * self.block_size
         self.graph_inputs = {
             "input_ids": torch.zeros(max_rows, dtype=torch.long, device=dev),
             "positions": torch.zeros(max_rows, dtype=torch.long, device=dev),
-            "slot_mapping": torch.full((max_rows,), self.scratch_block * self.block_size, dtype=torch.long,
-                                       device=dev),
+            "slot_mapping": torch.full((max_rows,), scratch_slot, dtype=torch.long, device=dev),
             "block_tables": torch.full((max_rows, max_blocks), self.scratch_block, dtype=torch.int32, device=dev),
             "context_lens": torch.ones(max_rows, dtype=torch.int32, device=dev),
+            # the sliding-window groups' slots and window-relative tables
+            "window_slot_mapping": torch.full((groups, max_rows), scratch_slot, dtype=torch.long, device=dev),
+            "window_block_tables": torch.full((groups, max_rows, self.kv_layout.window_table_width() if groups else 1),
+                                              self.scratch_block, dtype=torch.int32, device=dev),
         }
         if self.state_pool is not None:  # padded rows run in the scratch slot
             self.graph_inputs.update(
@@ -398,6 +458,9 @@ class ModelRunner:
                                       g["state_bounds"][:rows + 1], 0)
             ctx = ForwardContext(0, g["slot_mapping"][:rows], block_tables=g["block_tables"][:rows],
                                  context_lens=g["context_lens"][:rows], state=state)
+            ctx.kv_groups = [ForwardContext(0, g["window_slot_mapping"][j, :rows],
+                                            block_tables=g["window_block_tables"][j, :rows],
+                                            context_lens=g["context_lens"][:rows]) for j in range(groups)]
             graph = torch.cuda.CUDAGraph()
             with torch.inference_mode(), forward_context(ctx):
                 self.model(g["input_ids"][:rows], g["positions"][:rows])  # warm-up: compiles, allocates
@@ -421,6 +484,11 @@ class ModelRunner:
         g["context_lens"][:rows] = ctx.context_lens
         g["context_lens"][rows:size] = 1
         g["block_tables"][rows:size, 0] = self.scratch_block
+        for j, group in enumerate(ctx.kv_groups):
+            g["window_slot_mapping"][j, :rows] = group.slot_mapping
+            g["window_slot_mapping"][j, rows:size] = self.scratch_block * self.block_size
+            g["window_block_tables"][j, :rows, :group.block_tables.shape[1]] = group.block_tables
+            g["window_block_tables"][j, rows:size, 0] = self.scratch_block
         if ctx.state is not None:
             g["state_slots"][:rows] = ctx.state.slots
             g["state_slots"][rows:size] = self.state_pool.scratch_slot

@@ -12,12 +12,9 @@ it (model_runner.py). Without CUDA (tests) the same pieces run eagerly through t
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from mixquant.utils.context import ForwardContext, forward_context
-
 
 # Beyond this many prefill rows the GPU's work hides the host's. On an H200 (docs/benchmarks.md) graphs against eager
 # were 2% slower at 8,192 rows in both bf16/bf16 and fp8/bf16 (the static buffers' copies); at 4,096 rows 4% slower
@@ -37,15 +34,17 @@ class PrefillGraphs:
                  capture: bool):
         self.model, self.buckets, self.scratch_slot = model, sorted(buckets), scratch_slot
         self.layers = model.model.layers
-        attn = self.layers[0].self_attn
+        attns = [layer.self_attn for layer in self.layers]
         n, hidden = self.buckets[-1], model.config.hidden_size
 
         def buffer(*shape, dtype=dtype):
             return torch.zeros(n, *shape, dtype=dtype, device=device)
 
         self.input_ids, self.positions = buffer(dtype=torch.long), buffer(dtype=torch.long)
-        self.q, self.attn_out = buffer(attn.num_heads, attn.head_dim), buffer(attn.num_heads, attn.head_dim)
-        self.k, self.v = buffer(attn.num_kv_heads, attn.head_dim), buffer(attn.num_kv_heads, attn.head_dim)
+        # wide enough for the widest layer: a layer of another geometry (Gemma 4's two) uses the leading columns
+        q_width = max(a.num_heads * a.head_dim for a in attns)
+        kv_width = max(a.num_kv_heads * a.head_dim for a in attns)
+        self.q, self.attn_out, self.k, self.v = buffer(q_width), buffer(q_width), buffer(kv_width), buffer(kv_width)
         self.residual, self.hidden = buffer(hidden), buffer(hidden)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         if capture:
@@ -68,20 +67,27 @@ class PrefillGraphs:
 
     # ---- the pieces ---------------------------------------------------------------------------------------------
 
+    def _heads(self, buffer: torch.Tensor, n: int, heads: int, head_dim: int) -> torch.Tensor:
+        """The first n rows of a static buffer as one layer's [n, heads, head_dim]."""
+        return buffer[:n, :heads * head_dim].view(n, heads, head_dim)
+
     def _piece(self, index: int, n: int):
         """Piece i runs layer i-1 after its attention (from attn_out) and layer i up to its attention."""
         positions = self.positions[:n]
         if index == 0:
             x, residual = self.model.model.embed_tokens(self.input_ids[:n]), None
         else:
-            x, residual = self.layers[index - 1].after_attention(self.attn_out[:n], self.residual[:n])
+            before = self.layers[index - 1].self_attn
+            attn_out = self._heads(self.attn_out, n, before.num_heads, before.head_dim)
+            x, residual = self.layers[index - 1].after_attention(attn_out, self.residual[:n])
             if index == len(self.layers):
-                self.hidden[:n].copy_(self.model.model.norm(x, residual)[0])
+                self.hidden[:n].copy_(self.model.model.final_norm(x, residual))
                 return
         q, k, v, residual = self.layers[index].before_attention(positions, x, residual)
-        self.q[:n].copy_(q)
-        self.k[:n].copy_(k)
-        self.v[:n].copy_(v)
+        attn = self.layers[index].self_attn
+        self._heads(self.q, n, attn.num_heads, attn.head_dim).copy_(q)
+        self._heads(self.k, n, attn.num_kv_heads, attn.head_dim).copy_(k)
+        self._heads(self.v, n, attn.num_kv_heads, attn.head_dim).copy_(v)
         self.residual[:n].copy_(residual)
 
     def _run_piece(self, index: int, n: int):
@@ -118,14 +124,14 @@ class PrefillGraphs:
         n = self.bucket(rows)
         self.input_ids[:rows].copy_(input_ids[:rows])
         self.positions[:rows].copy_(positions[:rows])
-        # padding rows write their K/V to the scratch slot and are in no attention segment
-        slots = torch.full((n,), self.scratch_slot, dtype=torch.long, device=input_ids.device)
-        slots[:rows] = ctx.slot_mapping[:rows]
-        # the step's context for its prefill rows only: the decode tail replays the decode graphs afterwards
-        padded = replace(ctx, num_prefill_rows=n, slot_mapping=slots, block_tables=None, context_lens=None)
-        with forward_context(padded):
+        # padding rows write their K/V to the scratch slot and are in no attention segment; the decode tail replays
+        # the decode graphs afterwards
+        with forward_context(ctx.padded_prefill(n, self.scratch_slot)):
             self._run_piece(0, n)
             for index, layer in enumerate(self.layers):
-                self.attn_out[:n].copy_(layer.self_attn.attn(self.q[:n], self.k[:n], self.v[:n]))
+                attn = layer.self_attn
+                q = self._heads(self.q, n, attn.num_heads, attn.head_dim)
+                k, v = (self._heads(b, n, attn.num_kv_heads, attn.head_dim) for b in (self.k, self.v))
+                self._heads(self.attn_out, n, attn.num_heads, attn.head_dim).copy_(attn.attn(q, k, v))
                 self._run_piece(index + 1, n)
         return self.hidden[:rows]

@@ -71,7 +71,7 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.max_num_seqs
                and not preempted):
             seq = self.waiting[0]
-            if not self.block_manager.allocate(seq):
+            if not self.block_manager.allocate(seq, budget):
                 break
             self.waiting.popleft()
             if seq.num_preemptions == 0:  # its first admission: the queue time ends here

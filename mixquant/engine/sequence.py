@@ -40,6 +40,9 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prefix-cache hits at first admission
     block_table: list[int] = field(default_factory=list)
+    # per block index, the units holding it for the sliding-window layers (None: before the window; see
+    # engine/block_manager.py); empty for models without such layers
+    window_table: list[tuple[int, ...] | None] = field(default_factory=list)
     num_hashed_blocks: int = 0
     state_slot: int | None = None  # recurrent-state slot (models with Gated DeltaNet layers; engine/state_slots.py)
     prompt_logprobs: list[PositionLogprobs | None] | None = None

@@ -110,15 +110,17 @@ def block_m_for(copies: int, num_experts: int) -> int:
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None, intermediate_is_parallel: bool = False) -> torch.Tensor:
-    """sum_j topk_weights[:, j] * down_e(silu(gate_e x) * up_e x), e = topk_ids[:, j], for x [T, H].
+                  out: torch.Tensor | None = None, activation: str = "silu",
+                  intermediate_is_parallel: bool = False) -> torch.Tensor:
+    """sum_j topk_weights[:, j] * down_e(act(gate_e x) * up_e x), e = topk_ids[:, j], for x [T, H]; act by its
+    layers.activation.GATED_ACTIVATIONS name.
 
     16-bit experts: w13 [E, 2I, H] and w2 [E, H, I] in x's dtype. FP8 experts: E4M3 weights with their per-channel
-    scales; x is quantized per token, and the SiLU-and-multiply output per copy in the kernel that forms it, or,
-    where I is one tensor-parallel rank's part (intermediate_is_parallel), with the whole row's scale (all-reduced).
-    """
-    from mixquant.kernels.quant import per_token_quant_fp8, silu_and_mul_quant_fp8
-    from mixquant.layers.activation import silu_and_mul
+    scales; x is quantized per token, and the activation-and-multiply output per copy in the kernel that forms it,
+    or, where I is one tensor-parallel rank's part (intermediate_is_parallel), with the whole row's scale
+    (all-reduced)."""
+    from mixquant.kernels.quant import gated_quant_fp8, per_token_quant_fp8
+    from mixquant.layers.activation import GATED_ACTIVATIONS
     from mixquant.quantization.fp8 import quantize_rowwise
     from mixquant.quantization.linear_methods import row_amax
 
@@ -132,15 +134,15 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     weights = topk_weights.flatten().float()
     if w13_scale is None:
         grouped_gemm(x, w13, gate_up, routing, top_k, block_m)
-        grouped_gemm(silu_and_mul(gate_up), w2, down, routing, 1, block_m, weights=weights)
+        grouped_gemm(GATED_ACTIVATIONS[activation](gate_up), w2, down, routing, 1, block_m, weights=weights)
     else:
         xq, x_scale = per_token_quant_fp8(x)
         grouped_gemm(xq, w13, gate_up, routing, top_k, block_m, x_scale, w13_scale)
         if intermediate_is_parallel:
-            h = silu_and_mul(gate_up)
+            h = GATED_ACTIVATIONS[activation](gate_up)
             hq, h_scale = quantize_rowwise(h, row_amax(h, True))
         else:
-            hq, h_scale = silu_and_mul_quant_fp8(gate_up)
+            hq, h_scale = gated_quant_fp8(gate_up, activation)
         grouped_gemm(hq, w2, down, routing, 1, block_m, h_scale, w2_scale, weights)
     result = down.view(tokens, top_k, hidden).sum(dim=1)
     return result if out is None else out.copy_(result)

@@ -1,7 +1,9 @@
 """Decode attention over the paged KV cache, flash-decoding style, in Triton.
 
-One query token per batch row attends to its row's cached positions [0, context_lens[b]). Each row's context is
-cut into `num_splits` even parts that run in parallel (so batch 1 with 8 KV heads still fills an H100 on a long
+One query token per batch row attends to its row's cached positions [0, context_lens[b]), or with a sliding window
+of W keys to its last W of them, in which case its block table starts at the block holding the first of those
+(layers/attention.py: window-relative tables). Each row's context is cut into `num_splits` even parts that run in
+parallel (so batch 1 with 8 KV heads still fills an H100 on a long
 context); a program handles one (row, KV head, split) with all the query heads of that KV group as the rows of
 one tensor-core tile, keeps an online softmax in fp32 and writes a partial (output, log-sum-exp); a second small
 kernel merges the parts. With one split the first kernel writes the output itself.
@@ -37,11 +39,23 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 2
 
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> DecodeConfig:
+        """Tiles of about 32 KB of K per stage: larger heads take fewer positions a tile (Gemma 4's 256 and 512
+        would not fit two stages of 64 in shared memory). Not tuned on a GPU for head_dim > 128."""
+        return cls() if head_dim <= 128 else cls(block_n=32) if head_dim <= 256 else cls(block_n=16, num_warps=8)
+
 
 @triton.jit
-def _split_len(context_len, num_splits, BLOCK_N: tl.constexpr):
-    """Positions per split of one row: an even share of its context, rounded up to whole tiles."""
-    return tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
+def _split_len(span, num_splits, BLOCK_N: tl.constexpr):
+    """Positions per split of one row: an even share of the positions it attends to, rounded up to whole tiles."""
+    return tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _window_start(context_len, window):
+    """The first position a row attends to: 0, or with a sliding window (window > 0) its window's first."""
+    return tl.where(window > 0, tl.maximum(context_len - window, 0), 0)
 
 
 # Triton compiles a kernel again for every new combination of its int arguments' "== 1" and "% 16 == 0"; the split
@@ -51,7 +65,7 @@ def _split_len(context_len, num_splits, BLOCK_N: tl.constexpr):
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, num_splits,
+    qk_scale, num_splits, window,
     stride_qb, stride_qh,
     stride_cache_block, stride_cache_pos, stride_cache_head,
     stride_table,
@@ -63,8 +77,10 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + row)
-    split_len = _split_len(context_len, num_splits, BLOCK_N)
-    start = split * split_len
+    first = _window_start(context_len, window)
+    table_base = first // BLOCK_SIZE  # the block the row's table starts at
+    split_len = _split_len(context_len - first, num_splits, BLOCK_N)
+    start = first + split * split_len
     if start >= context_len:  # a short row needs fewer splits; the merge knows how many were used
         return
     end = tl.minimum(start + split_len, context_len)
@@ -85,7 +101,7 @@ def _decode_split_kernel(
         pos = tile_start + tl.arange(0, BLOCK_N)
         valid = pos < end
         # Positions past the row's length are never loaded: padded table entries and stale slots may hold anything
-        block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        block = tl.load(table_ptr + pos // BLOCK_SIZE - table_base, mask=valid, other=0).to(tl.int64)
         offsets = block * stride_cache_block + (pos % BLOCK_SIZE) * stride_cache_pos + head_offset
         k = tl.load(k_cache_ptr + offsets[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -111,14 +127,15 @@ def _decode_split_kernel(
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(
-    out_ptr, part_out_ptr, part_lse_ptr, context_lens_ptr, num_splits,
+    out_ptr, part_out_ptr, part_lse_ptr, context_lens_ptr, num_splits, window,
     stride_ob, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0)
     head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + row)
-    used = tl.cdiv(context_len, _split_len(context_len, num_splits, BLOCK_N))  # splits that wrote a part
+    span = context_len - _window_start(context_len, window)
+    used = tl.cdiv(span, _split_len(span, num_splits, BLOCK_N))  # splits that wrote a part
     first = (row * NUM_HEADS + head) * num_splits
     offs_s = tl.arange(0, SPLITS_PAD)
     lse_max = tl.max(tl.load(part_lse_ptr + first + offs_s, mask=offs_s < used, other=float("-inf")), 0)
@@ -148,13 +165,16 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None, *,
-                           num_splits: int | None = None, config: DecodeConfig = DecodeConfig()) -> torch.Tensor:
+                           window: int | None = None, num_splits: int | None = None,
+                           config: DecodeConfig | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for one query token per row over its paged cache; returns out [B, num_heads, D].
 
-    q [B, num_heads, D]; k_cache, v_cache [num_blocks, block_size, num_kv_heads, D] with equal strides;
-    block_tables [B, max_blocks] int32/int64; context_lens [B] int, each in [1, max_blocks * block_size]. Query
-    head h reads KV head h // (num_heads // num_kv_heads). `num_splits` defaults to `default_num_splits` of the
-    table's width; `out`, if given, receives the result.
+    q [B, num_heads, D]; k_cache, v_cache [num_blocks, block_size, num_kv_heads, D] with equal strides (views into
+    a larger pool are fine); block_tables [B, max_blocks] int32/int64; context_lens [B] int, each in
+    [1, max_blocks * block_size]. Query head h reads KV head h // (num_heads // num_kv_heads). With a `window`, a
+    row attends to its last `window` positions only and its table starts at the block holding the first of them
+    (position max(0, context_len - window)). `num_splits` defaults to `default_num_splits` of the table's width;
+    `config` to DecodeConfig.for_head_dim; `out`, if given, receives the result.
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -172,8 +192,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError("out must be shaped and typed like q, with a contiguous last dim")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive number of positions, got {window}")
     if batch == 0:
         return out
+    config = config or DecodeConfig.for_head_dim(head_dim)
     group = num_heads // num_kv_heads
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device,
@@ -184,7 +207,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     part_lse = None if direct else q.new_empty((batch, num_heads, num_splits), dtype=torch.float32)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
-        scale * _LOG2E, num_splits,
+        scale * _LOG2E, num_splits, window or 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
@@ -197,7 +220,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     )
     if not direct:
         _merge_kernel[(batch, num_heads)](
-            out, part_out, part_lse, context_lens, num_splits,
+            out, part_out, part_lse, context_lens, num_splits, window or 0,
             out.stride(0), out.stride(1),
             # one padded width for every split count up to MAX_SPLITS: one compiled variant, not one per power of 2
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(max(num_splits, MAX_SPLITS)),

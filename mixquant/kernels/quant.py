@@ -2,7 +2,8 @@
 
 Computes what `mixquant.quantization.fp8.quantize_rowwise` computes on a CUDA device, bit for bit, in one read of x
 instead of the half-dozen passes (abs, amax, divide, where, clamp, cast) that eager PyTorch makes over it. The same
-kernel can first apply the gated MLP's SiLU-and-multiply, so that the activation the down projection quantizes is
+kernel can first apply the gated MLP's activation-and-multiply (SiLU or Gemma's tanh GELU), so that the activation the
+down projection quantizes is
 never written in 16 bits and read back (the issue's measurement: quantizing in separate passes erased FP8's gain);
 `rms_norm_quant_fp8` does the same for the RMSNorm (and residual add) before the QKV and gate/up projections.
 """
@@ -41,23 +42,33 @@ def _quantize(x, scale, FP8_MAX: tl.constexpr):
     return q.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
 
+# _per_token_quant_kernel's ACTIVATION for a gated MLP's [gate | up] rows, by config name (0: plain rows)
+_ACTIVATION_CODES = {"silu": 1, "gelu_pytorch_tanh": 2}
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+
+
 @triton.jit
-def _load_row(x_row, offs, mask, K, GATED: tl.constexpr):
-    """K values of a row in float32: x itself, or silu(gate) * up of a [gate | up] row of 2K."""
-    if GATED:
-        gate = tl.load(x_row + offs, mask=mask, other=0.0)
-        up = tl.load(x_row + K + offs, mask=mask, other=0.0)
-        g = gate.to(tl.float32)
-        # rounded to x's dtype after the SiLU and after the product, as the unfused silu_and_mul is (eager, and
-        # compiled with emulate_precision_casts), with the sigmoid the compiled one uses
-        silu = (g * tl.sigmoid(g)).to(gate.dtype)
-        return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
-    return tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+def _load_row(x_row, offs, mask, K, ACTIVATION: tl.constexpr):
+    """K values of a row in float32: x itself, or act(gate) * up of a [gate | up] row of 2K."""
+    if ACTIVATION == 0:
+        return tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(x_row + offs, mask=mask, other=0.0)
+    up = tl.load(x_row + K + offs, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    # rounded to x's dtype after the activation and after the product, as the unfused silu_and_mul /
+    # gelu_tanh_and_mul are (eager, and compiled with emulate_precision_casts); the sigmoid is the compiled SiLU's,
+    # tanh(y) = 2 sigmoid(2y) - 1 may differ from the compiled GELU's tanh in the last float32 bit
+    if ACTIVATION == 1:
+        act = (g * tl.sigmoid(g)).to(gate.dtype)
+    else:
+        inner = _SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)
+        act = (0.5 * g * (2.0 * tl.sigmoid(2.0 * inner))).to(gate.dtype)
+    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
 
 
 @triton.jit
 def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
-                            BLOCK_K: tl.constexpr, WHOLE_ROW: tl.constexpr, GATED: tl.constexpr,
+                            BLOCK_K: tl.constexpr, WHOLE_ROW: tl.constexpr, ACTIVATION: tl.constexpr,
                             FP8_MAX: tl.constexpr, ZERO_ROW_SCALE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # M * K may pass 2**31
     x_row = x_ptr + row * stride_x
@@ -65,18 +76,18 @@ def _per_token_quant_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
     offs = tl.arange(0, BLOCK_K)
     if WHOLE_ROW:
         mask = offs < K
-        x = _load_row(x_row, offs, mask, K, GATED)
+        x = _load_row(x_row, offs, mask, K, ACTIVATION)
         scale = _row_scale(tl.reduce(tl.abs(x), 0, _nan_max), FP8_MAX, ZERO_ROW_SCALE)
         tl.store(q_row + offs, _quantize(x, scale, FP8_MAX), mask=mask)
     else:
         amax = tl.zeros([BLOCK_K], tl.float32)  # masked lanes load 0, which never raises an |x| maximum
         for start in range(0, K, BLOCK_K):
             mask = start + offs < K
-            amax = _nan_max(amax, tl.abs(_load_row(x_row, start + offs, mask, K, GATED)))
+            amax = _nan_max(amax, tl.abs(_load_row(x_row, start + offs, mask, K, ACTIVATION)))
         scale = _row_scale(tl.reduce(amax, 0, _nan_max), FP8_MAX, ZERO_ROW_SCALE)
         for start in range(0, K, BLOCK_K):  # the second read of the row mostly hits L2
             mask = start + offs < K
-            x = _load_row(x_row, start + offs, mask, K, GATED)
+            x = _load_row(x_row, start + offs, mask, K, ACTIVATION)
             tl.store(q_row + start + offs, _quantize(x, scale, FP8_MAX), mask=mask)
     tl.store(scale_ptr + row, scale)
 
@@ -142,15 +153,25 @@ def per_token_quant_fp8(x: torch.Tensor, *, num_warps: int | None = None) -> tup
 
     Bit-identical to quantize_rowwise run on a CUDA device; `num_warps` overrides the default picked from K.
     """
-    return _launch(x, gated=False, num_warps=num_warps)
+    return _launch(x, None, num_warps)
 
 
 def silu_and_mul_quant_fp8(x: torch.Tensor, *, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, 2K] = [gate | up] -> per_token_quant_fp8(silu(gate) * up), in one pass that never writes the product."""
-    return _launch(x, gated=True, num_warps=num_warps)
+    return gated_quant_fp8(x, "silu", num_warps=num_warps)
 
 
-def _launch(x: torch.Tensor, gated: bool, num_warps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_quant_fp8(x: torch.Tensor, activation: str, *, num_warps: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, 2K] = [gate | up] -> per_token_quant_fp8(act(gate) * up) for a layers.activation.GATED_ACTIVATIONS
+    name, in one pass."""
+    if activation not in _ACTIVATION_CODES:
+        raise ValueError(f"activation {activation!r} has no fused kernel; known: {', '.join(_ACTIVATION_CODES)}")
+    return _launch(x, activation, num_warps)
+
+
+def _launch(x: torch.Tensor, activation: str | None, num_warps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    gated = activation is not None
     if x.dim() != 2:
         raise ValueError(f"expected x of shape [M, K], got {tuple(x.shape)}")
     if gated and x.shape[1] % 2:
@@ -168,5 +189,6 @@ def _launch(x: torch.Tensor, gated: bool, num_warps: int | None) -> tuple[torch.
         # 32 to 64 fp32 values of x per thread (of gate and of up when gated)
         num_warps = (8 if block_k >= 8192 else 4) * (2 if gated else 1)
     _per_token_quant_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK_K=block_k, WHOLE_ROW=whole_row,
-                                  GATED=gated, FP8_MAX=FP8_MAX, ZERO_ROW_SCALE=_ZERO_ROW_SCALE, num_warps=num_warps)
+                                  ACTIVATION=_ACTIVATION_CODES.get(activation, 0), FP8_MAX=FP8_MAX,
+                                  ZERO_ROW_SCALE=_ZERO_ROW_SCALE, num_warps=num_warps)
     return q, scale

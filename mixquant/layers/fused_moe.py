@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixquant.distributed.parallel_state import get_tp_size, tensor_model_parallel_all_reduce, tp_partition
+from mixquant.layers.activation import check_activation
 from mixquant.layers.linear import PhaseRouted
 
 EXPERT_SHARDS = ("gate_proj", "up_proj", "down_proj")  # per-expert checkpoint modules
@@ -24,18 +25,21 @@ EXPERT_SHARDS = ("gate_proj", "up_proj", "down_proj")  # per-expert checkpoint m
 class GroupedExperts(PhaseRouted):
     """intermediate_size is the rank's part of the checkpoint's total_intermediate_size."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, prefix: str):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, prefix: str,
+                 activation: str = "silu"):
+        """activation: the gate's, by config name (layers.activation.GATED_ACTIVATIONS)."""
         super().__init__()
         self.prefix = prefix
         self.num_experts, self.hidden_size, self.total_intermediate_size = num_experts, hidden_size, intermediate_size
         self.intermediate_part = tp_partition(intermediate_size, f"{prefix}: moe_intermediate_size")
         self.intermediate_size = inter = self.intermediate_part.stop - self.intermediate_part.start
         self.intermediate_is_parallel = get_tp_size() > 1
+        self.activation = check_activation(activation)
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, inter), requires_grad=False)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        out = self.route(self.hidden_size, x, topk_weights, topk_ids)
+        out = self.route(self.hidden_size, x, topk_weights, topk_ids, activation=self.activation)
         return tensor_model_parallel_all_reduce(out) if self.intermediate_is_parallel else out
 
     def set_methods(self, prefill, decode):
@@ -45,7 +49,7 @@ class GroupedExperts(PhaseRouted):
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
-                f"prefill={self.prefill_method}, decode={self.decode_method}")
+                f"activation={self.activation}, prefill={self.prefill_method}, decode={self.decode_method}")
 
     # ---- checkpoint layouts: one module per expert (the hub's Qwen3-MoE), or 3-D tensors (transformers 5) ---------
 
@@ -121,11 +125,11 @@ class SparseMoeBlock(nn.Module):
     """Qwen3-MoE's MLP: `gate` routes every row, the experts compute it (Qwen3.5-MoE adds a shared expert)."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, prefix: str,
-                 renormalize: bool):
+                 renormalize: bool, activation: str):
         super().__init__()
         self.top_k, self.renormalize = top_k, renormalize
         self.gate = Router(hidden_size, num_experts)
-        self.experts = GroupedExperts(num_experts, hidden_size, intermediate_size, f"{prefix}.experts")
+        self.experts = GroupedExperts(num_experts, hidden_size, intermediate_size, f"{prefix}.experts", activation)
 
     def takes_quantized_rows(self, rows: int) -> bool:
         return False  # the router reads the norm's output in the model dtype

@@ -69,3 +69,25 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         return gated_rms_norm(x, gate, self.weight, self.eps)
+
+
+@fused_on_gpu
+def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Gemma 4's form (transformers' Gemma4RMSNorm): the weight multiplies the float32 normalised rows before the
+    cast back, where rms_norm casts first; weight None: no weight (Gemma 4's v_norm and router norm)."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + eps, -0.5)  # pow, not rsqrt: transformers' rounding
+    return (x if weight is None else x * weight.float()).to(dtype)
+
+
+class RMSNormFp32(nn.Module):
+    """rms_norm_fp32 as a layer; has_weight=False for the weight-free norms."""
+
+    def __init__(self, hidden_size: int, eps: float, has_weight: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False) if has_weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm_fp32(x, self.weight, self.eps)

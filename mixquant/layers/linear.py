@@ -129,9 +129,9 @@ class Linear(PhaseRouted):
         method = self.decode_method if split == 0 else self.prefill_method if split == rows else None
         return method is not None and method.takes_quantized_rows
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """gated: x is [gate | up] and this layer's input silu(gate) * up (see LinearMethod.__call__)."""
-        out = self.route(sum(self.output_sizes), x, gated=gated)
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """activation: x is [gate | up] and this layer's input act(gate) * up (see LinearMethod.__call__)."""
+        out = self.route(sum(self.output_sizes), x, activation=activation)
         if not self.input_is_parallel:
             return out
         out = tensor_model_parallel_all_reduce(out)

@@ -8,24 +8,32 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from mixquant.layers.layernorm import RMSNorm, rms_norm
 
 
-def rope_inverse_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
+def rope_inverse_frequencies(config, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
     """Frequencies for the rotated dims: all of a head, or its leading partial_rotary_factor share (Qwen3.5: 64 of
-    256; the other types' tables read the factor from the config themselves)."""
+    256; the other types' tables read the factor from the config themselves). layer_type: the kind of layer whose
+    parameters to use, where config.rope_parameters is keyed by it (Gemma 4: sliding_attention / full_attention)."""
     params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params[layer_type]
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
-        raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, linear, yarn, llama3)")
-    return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+        raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, linear, yarn, llama3, "
+                         "proportional)")
+    # Gemma 4's "proportional" rotates the first partial_rotary_factor of the frequencies over the whole head (the
+    # rest are 0), which is not the partial rotary of the first dims that other models use. On the CPU whatever
+    # device the model is built on: these functions copy their tensors to the device they are given.
+    with torch.device("cpu"):
+        return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", layer_type=layer_type)
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, config, head_dim: int, max_position: int):
+    def __init__(self, config, head_dim: int, max_position: int, layer_type: str | None = None):
         super().__init__()
-        inv_freq, attention_scaling = rope_inverse_frequencies(config, head_dim)
+        inv_freq, attention_scaling = rope_inverse_frequencies(config, head_dim, layer_type)
         positions = torch.arange(max_position, dtype=torch.float)
         freqs = torch.outer(positions, inv_freq.to(positions.device))
         emb = torch.cat([freqs, freqs], dim=-1)

@@ -3,7 +3,8 @@
 They differ only in switches read from config.json: Qwen3 normalises q and k per head (QK-norm), Qwen2 has
 q/k/v biases, Llama neither. A family with another MLP per layer (the experts of Qwen3-MoE, models/qwen3_moe.py)
 overrides `CausalLM.make_mlp`; one with other layers (Qwen3.5's Gated DeltaNet and gated attention,
-models/qwen3_5.py) overrides `CausalLM.make_layer`.
+models/qwen3_5.py) overrides `CausalLM.make_layer`; one whose whole stack differs (Gemma 4, models/gemma4.py)
+`CausalLM.make_model`.
 
 Tensor parallelism, as Megatron-LM splits a decoder: each rank computes its attention heads (QKV column-parallel,
 KV heads replicated where there are fewer than ranks, o_proj row-parallel) and its part of the MLP's intermediate
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from mixquant.distributed.parallel_state import kv_head_replicas, tp_partition
+from mixquant.layers.activation import check_activation
 from mixquant.layers.attention import Attention
 from mixquant.layers.embed_head import LMHead, VocabEmbedding
 from mixquant.layers.layernorm import RMSNorm
@@ -48,7 +50,8 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary_emb  # one table shared by all layers
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, kv_heads)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
+                              kv_heads=kv_heads)
 
     def project_qkv(self, positions: torch.Tensor, x: torch.Tensor):
         q, k, v = self.qkv_proj(x).split(
@@ -62,9 +65,11 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config, prefix: str, intermediate_size: int | None = None):
+    def __init__(self, config, prefix: str, intermediate_size: int | None = None, activation: str | None = None):
+        """activation: the gate's (layers.activation.GATED_ACTIVATIONS), config.hidden_act unless given."""
         super().__init__()
         inter = intermediate_size or config.intermediate_size
+        self.activation = check_activation(activation or config.hidden_act)
         self.gate_up_proj = Linear(config.hidden_size, [inter, inter], False, f"{prefix}.gate_up_proj",
                                    shard_names=["gate_proj", "up_proj"], parallel="column")
         self.down_proj = Linear(inter, [config.hidden_size], False, f"{prefix}.down_proj", parallel="row")
@@ -73,8 +78,8 @@ class MLP(nn.Module):
         return self.gate_up_proj.takes_quantized_rows(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # down_proj applies SiLU-and-multiply to its input itself: an FP8 method quantizes the product as it forms
-        return self.down_proj(self.gate_up_proj(x), gated=True)
+        # down_proj applies the gated activation to its input itself: an FP8 method quantizes the product as it forms
+        return self.down_proj(self.gate_up_proj(x), activation=self.activation)
 
 
 MakeLayer = Callable[[object, int, str, RotaryEmbedding], nn.Module]  # (config, layer index, prefix, rotary)
@@ -125,6 +130,10 @@ class DecoderModel(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)
+        return self.final_norm(x, residual)
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The last layer's output (x + residual) through the final norm: the hidden states the head reads."""
         return self.norm(x, residual)[0]
 
 
@@ -142,7 +151,7 @@ class CausalLM(nn.Module):
     def __init__(self, config, max_position: int):
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config, max_position, self.make_layer, self.unit_offset_norms)
+        self.model = self.make_model(config, max_position)
         self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -153,6 +162,12 @@ class CausalLM(nn.Module):
             if name.startswith(prefix):
                 return None if ours is None else ours + name[len(prefix):]
         return name
+
+    def make_model(self, config, max_position: int) -> nn.Module:
+        """The decoder stack (embeddings, layers, final norm); a family whose stack differs beyond its layers
+        (models/gemma4.py: scaled embeddings, RoPE per layer kind) builds its own, which runs the same way:
+        forward(input_ids, positions), embed_tokens, layers with before_attention / after_attention, final_norm."""
+        return DecoderModel(config, max_position, self.make_layer, self.unit_offset_norms)
 
     def make_layer(self, config, layer_index: int, prefix: str, rotary_emb: RotaryEmbedding) -> nn.Module:
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)

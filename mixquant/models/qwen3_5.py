@@ -88,7 +88,7 @@ class SharedExpertMoeBlock(SparseMoeBlock):
 
     def __init__(self, config, prefix: str):
         super().__init__(config.hidden_size, config.num_experts, config.num_experts_per_tok,
-                         config.moe_intermediate_size, prefix, renormalize=True)
+                         config.moe_intermediate_size, prefix, renormalize=True, activation=config.hidden_act)
         self.shared_expert = MLP(config, f"{prefix}.shared_expert", config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
         self.shared_expert_gate.weight.requires_grad_(False)

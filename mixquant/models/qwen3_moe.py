@@ -19,4 +19,5 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
         if not sparse:
             return MLP(config, prefix)
         return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
-                              config.moe_intermediate_size, prefix, renormalize=config.norm_topk_prob)
+                              config.moe_intermediate_size, prefix, renormalize=config.norm_topk_prob,
+                              activation=config.hidden_act)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from mixquant.models.decoder import CausalLM, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from mixquant.models.gemma4 import Gemma4ForCausalLM
 from mixquant.models.qwen3_5 import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
 from mixquant.models.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -14,6 +15,8 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "Qwen3_5ForCausalLM": Qwen3_5ForCausalLM,
     "Qwen3_5MoeForConditionalGeneration": Qwen3_5MoeForCausalLM,
     "Qwen3_5MoeForCausalLM": Qwen3_5MoeForCausalLM,
+    "Gemma4ForConditionalGeneration": Gemma4ForCausalLM,
+    "Gemma4ForCausalLM": Gemma4ForCausalLM,
 }
 
 

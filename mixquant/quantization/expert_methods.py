@@ -26,15 +26,17 @@ class ExpertsMethod:
     down: list[LinearMethod]
 
     def __call__(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-        return combine_experts(x, topk_weights, topk_ids, self.gate_up, self.down, out)
+                 out: torch.Tensor | None = None, activation: str = "silu") -> torch.Tensor:
+        """activation: the experts' gate activation (layers.activation.GATED_ACTIVATIONS)."""
+        return combine_experts(x, topk_weights, topk_ids, self.gate_up, self.down, out, activation)
 
     def __repr__(self) -> str:
         return f"{self.precision}({self.mode}, {len(self.gate_up)} experts)"
 
 
 def combine_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                    gate_up: list[LinearMethod], down: list[LinearMethod], out: torch.Tensor | None) -> torch.Tensor:
+                    gate_up: list[LinearMethod], down: list[LinearMethod], out: torch.Tensor | None,
+                    activation: str) -> torch.Tensor:
     """The reference path, one expert after another over the rows routed to it (as transformers computes it, so
     float32 runs match it): any device, any method, but shapes that follow the routing, so no CUDA graph."""
     flat = topk_ids.flatten()
@@ -47,7 +49,7 @@ def combine_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
     for expert, n in enumerate(counts):
         if n:
             picked = slice(start, start + n)
-            y = down[expert](gate_up[expert](x[rows[picked]]), gated=True)
+            y = down[expert](gate_up[expert](x[rows[picked]]), activation=activation)
             result.index_add_(0, rows[picked], (y * weights[picked]).to(result.dtype))
         start += n
     return result
@@ -63,12 +65,12 @@ class BF16Experts(ExpertsMethod):
         self.gate_up = [BF16Method(w, None) for w in w13]
         self.down = [BF16Method(w, None) for w in w2]
 
-    def __call__(self, x, topk_weights, topk_ids, out=None):
+    def __call__(self, x, topk_weights, topk_ids, out=None, activation="silu"):
         if x.is_cuda:
             from mixquant.kernels.fused_moe import fused_experts
 
-            return fused_experts(x, self.w13, self.w2, topk_weights, topk_ids, out=out)
-        return super().__call__(x, topk_weights, topk_ids, out)
+            return fused_experts(x, self.w13, self.w2, topk_weights, topk_ids, out=out, activation=activation)
+        return super().__call__(x, topk_weights, topk_ids, out, activation)
 
 
 class FP8Experts(ExpertsMethod):
@@ -97,13 +99,14 @@ class FP8Experts(ExpertsMethod):
                    torch.stack([m.qweight for m in down]), torch.stack([m.weight_scale for m in down]), native,
                    down[0].input_is_parallel)
 
-    def __call__(self, x, topk_weights, topk_ids, out=None):
+    def __call__(self, x, topk_weights, topk_ids, out=None, activation="silu"):
         if self.mode == "native" and x.is_cuda:
             from mixquant.kernels.fused_moe import fused_experts
 
             return fused_experts(x, self.q13, self.q2, topk_weights, topk_ids, w13_scale=self.s13,
-                                 w2_scale=self.s2, out=out, intermediate_is_parallel=self.intermediate_is_parallel)
-        return super().__call__(x, topk_weights, topk_ids, out)
+                                 w2_scale=self.s2, out=out, activation=activation,
+                                 intermediate_is_parallel=self.intermediate_is_parallel)
+        return super().__call__(x, topk_weights, topk_ids, out, activation)
 
 
 class NVFP4Experts(ExpertsMethod):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mixquant.distributed.parallel_state import all_reduce_max
-from mixquant.layers.activation import silu_and_mul
+from mixquant.layers.activation import GATED_ACTIVATIONS
 from mixquant.quantization import fp8, nvfp4
 
 
@@ -22,10 +22,12 @@ class LinearMethod:
     uses_model_weight: bool = False
     takes_quantized_rows: bool = False  # accepts x as fp8.QuantizedRows (its producer quantized it)
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
-        """x @ W^T (+ bias); written into `out` when given (rows of a larger output). gated: x is a gated MLP's
-        [gate | up] and the layer's input is silu(gate) * up, which a method that quantizes its input may fuse."""
-        return self.apply(silu_and_mul(x) if gated else x, out)
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, activation: str | None = None
+                 ) -> torch.Tensor:
+        """x @ W^T (+ bias); written into `out` when given (rows of a larger output). activation: x is a gated MLP's
+        [gate | up] and the layer's input is act(gate) * up (layers.activation.GATED_ACTIVATIONS), which a method
+        that quantizes its input may fuse."""
+        return self.apply(GATED_ACTIVATIONS[activation](x) if activation else x, out)
 
     def apply(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -92,20 +94,20 @@ class FP8Method(LinearMethod):
         qweight, scale = fp8.quantize_rowwise(weight, row_amax(weight, input_is_parallel))
         return cls(qweight, scale, bias, native, input_is_parallel)
 
-    def __call__(self, x, out=None, gated=False):
+    def __call__(self, x, out=None, activation=None):
         if self.mode != "native":
-            return super().__call__(x, out, gated)
+            return super().__call__(x, out, activation)
         # one Triton pass per token, with the MLP's gating in it where there is one (the eager abs/amax/div/clamp/
         # cast chain cost more than FP8 GEMMs saved)
-        from mixquant.kernels.quant import per_token_quant_fp8, silu_and_mul_quant_fp8
+        from mixquant.kernels.quant import gated_quant_fp8, per_token_quant_fp8
 
         if isinstance(x, fp8.QuantizedRows):
             xq, x_scale = x.data, x.scale
         elif self.input_is_parallel:  # the fused kernels see this rank's part of each row only
-            x = silu_and_mul(x) if gated else x
+            x = GATED_ACTIVATIONS[activation](x) if activation else x
             xq, x_scale = fp8.quantize_rowwise(x, row_amax(x, True))
         else:
-            xq, x_scale = (silu_and_mul_quant_fp8 if gated else per_token_quant_fp8)(x)
+            xq, x_scale = gated_quant_fp8(x, activation) if activation else per_token_quant_fp8(x)
         kwargs = {} if out is None else {"out": out}
         return torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(),
                                 bias=self.bias, out_dtype=x.dtype, **kwargs)

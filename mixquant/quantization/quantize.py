@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from mixquant.config import EngineConfig
 from mixquant.engine.llm_engine import LLMEngine
-from mixquant.layers.activation import silu_and_mul
+from mixquant.layers.activation import GATED_ACTIVATIONS
 from mixquant.layers.fused_moe import GroupedExperts, Router
 from mixquant.layers.linear import Linear
 from mixquant.models.loader import STACKED_EXPERTS
@@ -54,7 +54,7 @@ def quantized_groups(model) -> list[list[str]]:
 def calibrate_input_amax(engine: LLMEngine, texts: list[str]) -> dict[str, torch.Tensor]:
     """Largest |input| seen by each quantized group over the calibration texts, keyed by the group's first module.
 
-    An expert's inputs are the rows routed to it (and for down_proj, their SiLU-and-multiply); an expert no
+    An expert's inputs are the rows routed to it (and for down_proj, their gated activation); an expert no
     calibration row reached gets its layer's largest."""
     amax: dict[str, torch.Tensor] = {}
 
@@ -64,14 +64,15 @@ def calibrate_input_amax(engine: LLMEngine, texts: list[str]) -> dict[str, torch
 
     def linear_input(layer: Linear, args, kwargs):
         x = args[0]
-        observe(layer.shard_module_names()[0], silu_and_mul(x) if kwargs.get("gated") else x)
+        activation = kwargs.get("activation")
+        observe(layer.shard_module_names()[0], GATED_ACTIVATIONS[activation](x) if activation else x)
 
     def experts_input(layer: GroupedExperts, args):
         x, _, topk_ids = args
         for e in topk_ids.unique().tolist():
             rows = x[(topk_ids == e).any(dim=-1)]
             observe(f"{layer.prefix}.{e}.gate_proj", rows)
-            observe(f"{layer.prefix}.{e}.down_proj", silu_and_mul(rows @ layer.w13[e].t()))
+            observe(f"{layer.prefix}.{e}.down_proj", GATED_ACTIVATIONS[layer.activation](rows @ layer.w13[e].t()))
 
     if engine.config.tensor_parallel_size > 1:
         raise ValueError("calibration hooks see one rank's part of each row-parallel layer's input: calibrate with "

@@ -14,7 +14,7 @@ from mixquant.outputs import CompletionOutput
 from mixquant.sampling_params import SamplingParams
 from mixquant.server.async_engine import RequestGroup
 from mixquant.server.errors import bad_request
-from mixquant.server.parsers import REASONING_PARSERS, THINK_END, TOOL_CALL_PARSERS, ChatOutputParser, ParsedOutput
+from mixquant.server.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS, ChatOutputParser, ParsedOutput
 from mixquant.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -197,8 +197,10 @@ class ChatEndpoint:
         parser = self._output_parser(tool_choice, template_kwargs, request.tools, calls_constrained)
         # the constraint starts where the reasoning parser starts reading content
         thinking = parser.reasoning is not None and parser.reasoning.thinking_enabled
-        structured = await checked(constraint, THINK_END if thinking else None)
+        structured = await checked(constraint, parser.reasoning.end if thinking else None)
         params = ctx.sampling_params(request, max_tokens, num_top, structured_outputs=structured)
+        if parser.needs_special_tokens:
+            params.skip_special_tokens = False  # the parser reads the model's markers, which are special tokens
         return PreparedChat(model, token_ids, params, parser, tool_choice, num_top)
 
     def _tool_choice(self, request: ChatCompletionRequest) -> ToolChoice:

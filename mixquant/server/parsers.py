@@ -1,5 +1,5 @@
-"""Generated text -> reasoning, content and tool calls (vLLM's `--reasoning-parser qwen3`, `--tool-call-parser hermes`
-and `qwen3_coder`, the XML calls of Qwen3-Coder and Qwen3.5).
+"""Generated text -> reasoning, content and tool calls (vLLM's `--reasoning-parser qwen3|gemma4`, `--tool-call-parser
+hermes|gemma4` and `qwen3_coder`, the XML calls of Qwen3-Coder and Qwen3.5).
 
 Every parser is a pure function of the text generated so far. With `final=False` (the text is still growing) it
 holds back whatever the next tokens could still change (half a tag, an unclosed tool call, trailing whitespace
@@ -49,6 +49,8 @@ class Qwen3ReasoningParser:
     up to an XML tool call, which ends it. Thinking off (`enable_thinking: false`): the template closed the think
     block itself, so all is content.
     """
+
+    end = THINK_END  # where content (and a structured output's constraint) starts
 
     def __init__(self, thinking_enabled: bool = True):
         self.thinking_enabled = thinking_enabled
@@ -100,9 +102,13 @@ class ToolParser(Protocol):
 
 
 class TaggedToolParser:
-    """`<tool_call>...</tool_call>` blocks become tool calls (`parse_body` reads one); an unclosed block at the end
-    counts once final. A block that is not a tool call stays in the content where it was, as do the words around
-    the blocks: nothing the model wrote is dropped. Built per request, with the request's tools."""
+    """`<tool_call>...</tool_call>` blocks (or a subclass's `start` ... `end`) become tool calls (`parse_body` reads
+    one); an unclosed block at the end counts once final. A block that is not a tool call stays in the content where
+    it was, as do the words around the blocks: nothing the model wrote is dropped. Built per request, with the
+    request's tools."""
+
+    start, end = TOOL_CALL_START, TOOL_CALL_END
+    held_tags = (TOOL_CALL_START,)  # a content end that may become one of these is held back while streaming
 
     def __init__(self, tools: list | None = None):
         self.tools = tools or []
@@ -116,20 +122,20 @@ class TaggedToolParser:
         calls: list[ParsedToolCall] = []
         position = 0
         while True:
-            start = text.find(TOOL_CALL_START, position)
+            start = text.find(self.start, position)
             if start < 0:
                 rest = text[position:]
                 if not final:
-                    rest = rest[:len(rest) - partial_tag_length(rest, TOOL_CALL_START)]
+                    rest = rest[:len(rest) - max(partial_tag_length(rest, tag) for tag in self.held_tags)]
                 content.append(rest)
                 break
             content.append(text[position:start])
-            end = text.find(TOOL_CALL_END, start)
+            end = text.find(self.end, start)
             if end < 0 and not final:
                 break  # still being written
             body_end = len(text) if end < 0 else end
-            block_end = len(text) if end < 0 else end + len(TOOL_CALL_END)
-            call = self.parse_body(text[start + len(TOOL_CALL_START):body_end])
+            block_end = len(text) if end < 0 else end + len(self.end)
+            call = self.parse_body(text[start + len(self.start):body_end])
             if call is None:
                 content.append(text[start:block_end])
             else:
@@ -191,14 +197,156 @@ def typed_value(text: str, schema: dict | None) -> Any:
     return value
 
 
+# ---- Gemma 4 -------------------------------------------------------------------------------------------------------
+# Its control tokens are special tokens, which detokenization drops by default: the server keeps them in the text
+# for these parsers (`needs_special_tokens`, as vLLM's gemma4 parsers set skip_special_tokens=False).
+
+GEMMA_CHANNEL_START, GEMMA_CHANNEL_END, GEMMA_THOUGHT = "<|channel>", "<channel|>", "thought\n"
+GEMMA_CALL_START, GEMMA_CALL_END, GEMMA_STRING = "<|tool_call>", "<tool_call|>", '<|"|>'
+GEMMA_RESPONSE_START = "<|tool_response>"
+
+
+class Gemma4ReasoningParser:
+    """`<|channel>thought\nreasoning<channel|>content`: the model opens the thought channel itself, so text that
+    does not begin with it is all content; the `thought` label is not reasoning. Thinking off
+    (`enable_thinking: false`, Gemma's default): the template closed an empty channel in the prompt, all is
+    content."""
+
+    end = GEMMA_CHANNEL_END
+    needs_special_tokens = True
+
+    def __init__(self, thinking_enabled: bool = True):
+        self.thinking_enabled = thinking_enabled
+
+    def split(self, text: str, final: bool) -> tuple[str, str]:
+        """(reasoning, content)."""
+        if not self.thinking_enabled:
+            return "", text
+        opening = GEMMA_CHANNEL_START + GEMMA_THOUGHT
+        if not text.startswith(GEMMA_CHANNEL_START):
+            return ("", "") if not final and opening.startswith(text) else ("", text)
+        if not final and opening.startswith(text):
+            return "", ""  # the label is still coming
+        body = text[len(GEMMA_CHANNEL_START):].removeprefix(GEMMA_THOUGHT)
+        reasoning, closed, content = body.partition(GEMMA_CHANNEL_END)
+        if closed:
+            return reasoning, content
+        if not final:
+            reasoning = reasoning[:len(reasoning) - partial_tag_length(reasoning, GEMMA_CHANNEL_END)]
+        return reasoning, ""
+
+
+def parse_gemma_arguments(text: str) -> dict:
+    """Gemma's argument object `{key:value,...}` -> a dict: bare keys, strings between `<|"|>` delimiters, numbers,
+    true/false/null, nested objects and arrays; a bare word that is none of these is taken as a string. ValueError
+    unless the whole text is one object."""
+    value, end = _gemma_value(text, 0)
+    if not isinstance(value, dict) or text[end:].strip():
+        raise ValueError(f"not one Gemma argument object: {text!r}")
+    return value
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
+
+
+def _gemma_value(text: str, i: int):
+    """The value starting at text[i] (after spaces) and the index after it."""
+    i = _skip_space(text, i)
+    if text.startswith(GEMMA_STRING, i):
+        end = text.find(GEMMA_STRING, i + len(GEMMA_STRING))
+        if end < 0:
+            raise ValueError("unterminated string")
+        return text[i + len(GEMMA_STRING):end], end + len(GEMMA_STRING)
+    if text.startswith("{", i):
+        return _gemma_items(text, i + 1, "}", keyed=True)
+    if text.startswith("[", i):
+        return _gemma_items(text, i + 1, "]", keyed=False)
+    end = i
+    while end < len(text) and text[end] not in ",}]":
+        end += 1
+    word = text[i:end].strip()
+    if not word:
+        raise ValueError(f"a value is missing at {i}")
+    bare = {"true": True, "false": False, "null": None}
+    if word in bare:
+        return bare[word], end
+    try:
+        return json.loads(word) if word[0] in "-0123456789" else word, end
+    except json.JSONDecodeError:
+        return word, end
+
+
+def _gemma_items(text: str, i: int, close: str, keyed: bool):
+    """An object's `key:value` or an array's values up to `close`, from just after the opening bracket."""
+    items: dict | list = {} if keyed else []
+    i = _skip_space(text, i)
+    if text.startswith(close, i):
+        return items, i + 1
+    while True:
+        if keyed:
+            colon = text.find(":", i)
+            if colon < 0:
+                raise ValueError(f"a key without a value at {i}")
+            key = text[i:colon].strip().removeprefix(GEMMA_STRING).removesuffix(GEMMA_STRING)
+            value, i = _gemma_value(text, colon + 1)
+            items[key] = value
+        else:
+            value, i = _gemma_value(text, i)
+            items.append(value)
+        i = _skip_space(text, i)
+        if text.startswith(close, i):
+            return items, i + 1
+        if not text.startswith(",", i):
+            raise ValueError(f"expected ',' or {close!r} at {i}")
+        i = _skip_space(text, i + 1)
+
+
+class Gemma4ToolParser(TaggedToolParser):
+    """`<|tool_call>call:name{arguments}<tool_call|>` blocks, their arguments in Gemma's notation turned into JSON.
+    `<|tool_response>` after a call block is the model handing over to the tool: its turn ends there, so nothing
+    from it on is content."""
+
+    start, end = GEMMA_CALL_START, GEMMA_CALL_END
+    held_tags = (GEMMA_CALL_START, GEMMA_RESPONSE_START)
+    needs_special_tokens = True
+
+    def parse_body(self, body: str) -> ParsedToolCall | None:
+        """`call:name{arguments}`; None if it is not one."""
+        body = body.strip()
+        name, brace, arguments = body.removeprefix("call:").partition("{")
+        if not body.startswith("call:") or not brace or not name.strip() or any(c.isspace() for c in name.strip()):
+            return None
+        try:
+            parsed = parse_gemma_arguments(brace + arguments)
+        except ValueError:
+            return None
+        return ParsedToolCall(name.strip(), json.dumps(parsed, ensure_ascii=False))
+
+    def extract(self, text: str, final: bool) -> tuple[str, list[ParsedToolCall]]:
+        closed = text.find(GEMMA_CALL_END)
+        handover = -1 if closed < 0 else text.find(GEMMA_RESPONSE_START, closed)
+        if handover >= 0:
+            return super().extract(text[:handover], final=True)
+        return super().extract(text, final)
+
+
 # ---- both ----------------------------------------------------------------------------------------------------------
 
 class ChatOutputParser:
     """Reasoning first; tool calls are looked for in the content only, never inside the reasoning."""
 
-    def __init__(self, reasoning: Qwen3ReasoningParser | None = None, tools: ToolParser | None = None):
+    def __init__(self, reasoning: Qwen3ReasoningParser | Gemma4ReasoningParser | None = None,
+                 tools: ToolParser | None = None):
         self.reasoning = reasoning
         self.tools = tools
+
+    @property
+    def needs_special_tokens(self) -> bool:
+        """Whether the text must keep the tokenizer's special tokens (Gemma's markers are special tokens)."""
+        return any(getattr(part, "needs_special_tokens", False) for part in (self.reasoning, self.tools))
 
     def parse(self, text: str, final: bool) -> ParsedOutput:
         reasoning, content = self.reasoning.split(text, final) if self.reasoning else ("", text)
@@ -208,5 +356,5 @@ class ChatOutputParser:
         return ParsedOutput(reasoning, content, calls)
 
 
-REASONING_PARSERS = {"qwen3": Qwen3ReasoningParser}
-TOOL_CALL_PARSERS = {"hermes": HermesToolParser, "qwen3_coder": Qwen3CoderToolParser}
+REASONING_PARSERS = {"qwen3": Qwen3ReasoningParser, "gemma4": Gemma4ReasoningParser}
+TOOL_CALL_PARSERS = {"hermes": HermesToolParser, "qwen3_coder": Qwen3CoderToolParser, "gemma4": Gemma4ToolParser}

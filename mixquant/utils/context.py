@@ -6,7 +6,7 @@ precisions with one slice, and attention reads its segments from here instead of
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -65,10 +65,36 @@ class ForwardContext:
     prefill_attention: str = "bf16"
     fp8_attention_min_tokens: int = 0
     state: StateSegments | None = None  # models with per-sequence state (ModelRunner.state_pool)
+    # The other KV cache groups (engine/kv_cache.py: sliding-window layers' units), each with its own slots and
+    # tables for the same rows; this context itself is group 0's.
+    kv_groups: list[ForwardContext] = field(default_factory=list)
 
     @property
     def decode_only(self) -> bool:
         return self.segments is None
+
+    def for_kv_group(self, group: int) -> ForwardContext:
+        return self if group == 0 else self.kv_groups[group - 1]
+
+    def prefill_part(self, split: int) -> ForwardContext:
+        """The first `split` rows alone (every prefill segment, no batched decode tail), in every cache group."""
+        return replace(self, slot_mapping=self.slot_mapping[:split], block_tables=None, context_lens=None,
+                       state=self.state.prefill() if self.state else None,
+                       kv_groups=[g.prefill_part(split) for g in self.kv_groups])
+
+    def decode_part(self, split: int) -> ForwardContext:
+        """The rows from `split` on alone: the batched single-token decode tail, in every cache group."""
+        return ForwardContext(0, self.slot_mapping[split:], block_tables=self.block_tables,
+                              context_lens=self.context_lens, state=self.state.decode() if self.state else None,
+                              kv_groups=[g.decode_part(split) for g in self.kv_groups])
+
+    def padded_prefill(self, rows: int, scratch_slot: int) -> ForwardContext:
+        """The prefill rows padded to `rows` rows, which write their K/V to `scratch_slot` of every group and belong
+        to no attention segment."""
+        slots = torch.full((rows,), scratch_slot, dtype=torch.long, device=self.slot_mapping.device)
+        slots[:self.num_prefill_rows] = self.slot_mapping[:self.num_prefill_rows]
+        return replace(self, num_prefill_rows=rows, slot_mapping=slots, block_tables=None, context_lens=None,
+                       kv_groups=[g.padded_prefill(rows, scratch_slot) for g in self.kv_groups])
 
 
 _CONTEXT: ForwardContext | None = None

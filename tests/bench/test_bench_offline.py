@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from mixquant.bench.shapes import SHAPES, linear_params, prefill_flops
+from mixquant.bench.shapes import SHAPES, linear_params, prefill_flops, shape_dir
 from mixquant.cli import main
 
 
@@ -78,6 +78,32 @@ def test_decode_bytes_and_memory_of_a_moe_model(tiny_qwen3_moe, tmp_path):
     # fp8/bf16 holds the BF16 weights and an FP8 copy of every quantized layer, experts included
     fp8_experts = fp8.runner.model.model.layers[0].mlp.experts.prefill_method
     assert weight_bytes(fp8) - weight_bytes(bf16) > sum(t.numel() for t in (fp8_experts.q13, fp8_experts.q2))
+
+
+def test_weights_and_attention_of_the_gemma4_shapes():
+    """Per-layer geometry: 31B's 50 sliding layers (q/k/v, 16 KV heads of 256) and 10 full ones (q/k only, 4 of 512),
+    about 29B weights a token multiplies by (31B with the embeddings); 26B-A4B's dense MLP beside the router and 8 of
+    128 experts, about 3.1B (A4B with embeddings). Sliding layers attend to at most 1,024 keys."""
+    from mixquant.utils.hf import load_config
+
+    config = load_config(shape_dir("gemma4-31b"))
+    h, heads, mlp = 5376, 32, 3 * 5376 * 21504
+    sliding = h * (heads + 2 * 16) * 256 + heads * 256 * h + mlp
+    full = h * (heads + 4) * 512 + heads * 512 * h + mlp
+    assert linear_params(config) == 50 * sliding + 10 * full
+    assert 30e9 < linear_params(config) + 262144 * h < 32e9
+    tokens = 4096
+    windowed = 1024 * 1025 / 2 + (tokens - 1024) * 1024
+    attention = 4 * heads * (50 * 256 * windowed + 10 * 512 * tokens * (tokens + 1) / 2)
+    assert prefill_flops(config, tokens) == 2 * linear_params(config) * tokens + 2 * h * 262144 + attention
+
+    config = load_config(shape_dir("gemma4-26b-a4b"))
+    h, heads = 2816, 16
+    moe = 3 * h * 2112 + h * 128 + 8 * 3 * h * 704
+    sliding = h * (heads + 2 * 8) * 256 + heads * 256 * h + moe
+    full = h * (heads + 2) * 512 + heads * 512 * h + moe
+    assert linear_params(config) == 25 * sliding + 5 * full
+    assert 3.5e9 < linear_params(config) + 262144 * h < 4.5e9
 
 
 def test_structured_command(tiny_qwen3, tmp_path):

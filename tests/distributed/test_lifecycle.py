@@ -150,11 +150,17 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def test_what_does_not_split_yet_is_refused_before_any_rank_starts(tiny_qwen3_5, tiny_qwen3):
+@pytest.mark.parametrize("fixture, model_class", [("tiny_qwen3_5", "Qwen3_5ForCausalLM"),
+                                                   ("tiny_gemma4", "Gemma4ForCausalLM")])
+def test_a_family_whose_layers_do_not_split_is_refused_before_any_rank_starts(request, fixture, model_class):
+    with pytest.raises(ValueError, match=f"{model_class}'s layers are not split over ranks yet"):
+        LLM(str(request.getfixturevalue(fixture)), device="cpu", dtype="float32", tensor_parallel_size=2)
+    assert not multiprocessing.active_children()
+
+
+def test_a_disaggregated_instance_is_refused_before_any_rank_starts(tiny_qwen3):
     from mixquant.distributed.kv_transfer import KVTransferConfig
 
-    with pytest.raises(ValueError, match="Qwen3_5ForCausalLM's layers are not split over ranks yet"):
-        LLM(str(tiny_qwen3_5), device="cpu", dtype="float32", tensor_parallel_size=2)
     with pytest.raises(ValueError, match="disaggregated instance .* tensor_parallel_size=1"):
         LLM(str(tiny_qwen3), device="cpu", dtype="float32", tensor_parallel_size=2,
             kv_transfer_config=KVTransferConfig("NixlConnector", kv_role="kv_both", kv_port=0))

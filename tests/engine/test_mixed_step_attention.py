@@ -41,11 +41,11 @@ def test_engine_sends_decode_rows_beside_a_prefill_to_the_batched_path(tiny_qwen
     batched_rows = []
     decode = TorchAttentionBackend._decode
 
-    def recording(q, k_cache, v_cache, block_tables, context_lens, scale):
+    def recording(q, k_cache, v_cache, block_tables, context_lens, scale, window=None):
         batched_rows.append(q.shape[0])
         # the dtypes of the decode graphs' inputs, so that on a GPU this call runs the kernel variant they compiled
         assert block_tables.dtype == context_lens.dtype == torch.int32
-        return decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return decode(q, k_cache, v_cache, block_tables, context_lens, scale, window)
 
     engine = llm.engine
     engine.add_request("a", prompt_a, greedy)

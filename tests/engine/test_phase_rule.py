@@ -102,14 +102,15 @@ def test_linear_routes_rows_by_phase(precision):
 
 @pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
 def test_gated_input_is_gated_in_each_phase(precision):
-    """Linear(x, gated=True) computes each phase's rows from silu(gate) * up, as the MLP did before the fusion."""
+    """Linear(x, activation="silu") computes each phase's rows from silu(gate) * up, as the MLP did before the
+    fusion."""
     from mixquant.layers.activation import silu_and_mul
 
     torch.manual_seed(1)
     layer, low = _mixed_layer(precision, Linear(32, [48], bias=False, prefix="model.layers.0.mlp.down_proj"))
     gate_up = torch.randn(7, 64)
     with forward_context(ForwardContext(num_prefill_rows=5, slot_mapping=torch.zeros(7, dtype=torch.long))):
-        gated = layer(gate_up, gated=True)
+        gated = layer(gate_up, activation="silu")
         plain = layer(silu_and_mul(gate_up))
     torch.testing.assert_close(gated, plain, rtol=0, atol=0)
     torch.testing.assert_close(gated[:5], low(silu_and_mul(gate_up[:5])), rtol=0, atol=0)

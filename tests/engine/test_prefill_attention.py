@@ -29,7 +29,7 @@ def step(prefill_attention: str, min_tokens: int = 0):
 def test_only_prefill_segments_are_offered_the_fp8_path(monkeypatch, prefill_attention, min_tokens, expected):
     offered = []
 
-    def record(q, k, v, k_cache, v_cache, seg, scale, attention="bf16"):
+    def record(q, k, v, k_cache, v_cache, seg, scale, attention="bf16", window=None):
         offered.append(attention)
         return q[seg.row_start:seg.row_end]
 
@@ -67,13 +67,14 @@ def test_on_the_cpu_the_fp8_flag_changes_nothing(prefill_attention):
                        backend.forward(q, k, v, k_cache, v_cache, step("bf16"), 0.25))
 
 
-@pytest.mark.parametrize("prefill_precision,capability,says", [
-    ("fp8", (9, 0), True),  # Hopper without the cuDNN frontend: the start line says what is missing and its cost
-    ("fp8", (8, 9), False),  # cuDNN's FP8 attention needs Hopper: nothing to install that would help
-    ("bf16", (9, 0), False),  # the BF16 baseline attends in BF16 anyway
+@pytest.mark.parametrize("prefill_precision,capability,model_fits,says", [
+    ("fp8", (9, 0), True, True),  # Hopper without the cuDNN frontend: the start line says what is missing and its cost
+    ("fp8", (8, 9), True, False),  # cuDNN's FP8 attention needs Hopper: nothing to install that would help
+    ("bf16", (9, 0), True, False),  # the BF16 baseline attends in BF16 anyway
+    ("fp8", (9, 0), False, False),  # a model the FP8 kernels do not take (Gemma 4's windows): no package would help
 ])
 def test_the_start_line_says_when_auto_leaves_fp8_attention_off_for_a_missing_package(
-        tiny_qwen3, monkeypatch, prefill_precision, capability, says):
+        tiny_qwen3, monkeypatch, prefill_precision, capability, model_fits, says):
     from types import SimpleNamespace
 
     from mixquant import config
@@ -84,6 +85,8 @@ def test_the_start_line_says_when_auto_leaves_fp8_attention_off_for_a_missing_pa
                         lambda device: "the cuDNN frontend is not installed (pip install 'mixquant[cudnn]')")
     engine_config = config.EngineConfig(model=str(tiny_qwen3), device="cpu", prefill_precision=prefill_precision)
     assert engine_config.prefill_attention == "bf16"
+    if not model_fits:  # what the runner calls for such a model (ModelRunner._check_fp8_prefill_attention)
+        engine_config.fp8_attention_unsupported("it needs head_dim in (64, 128) and no sliding window")
     engine = SimpleNamespace(config=engine_config, kv_cache_tokens=lambda: 4096, max_model_len=4096, kv_connector=None)
     line = startup_line(engine, SimpleNamespace(served_model_names=["tiny"], model_path="tiny"), "127.0.0.1", 8000)
     assert ("FP8 attention is off because the cuDNN frontend is not installed (pip install 'mixquant[cudnn]')"

@@ -22,7 +22,7 @@ import os
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 KERNEL_TEST_MODULES = ["test_paged_attention.py", "test_quant.py", "test_fp8_attention.py", "test_rotary.py",
-                       "test_cudnn_attention.py", "test_fused_moe.py"]
+                       "test_cudnn_attention.py", "test_fused_moe.py", "test_paged_prefill_attention.py"]
 collect_ignore = ["test_interpreted.py", "test_hopper_build.py"] if INTERPRETED else KERNEL_TEST_MODULES
 
 if INTERPRETED:

@@ -20,7 +20,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from mixquant.kernels.fp8_attention import _LOG2_FP8_MAX, PrefillConfig, _fp8_prefill_kernel, _quantize_blocks_kernel
-from mixquant.kernels.paged_attention import _decode_split_kernel, _merge_kernel
+from mixquant.kernels.paged_attention import DecodeConfig, _decode_split_kernel, _merge_kernel
+from mixquant.kernels.prefill_attention import PagedPrefillConfig, _paged_prefill_kernel
 from mixquant.kernels.quant import _per_token_quant_kernel, _rms_norm_quant_kernel
 from mixquant.kernels.rotary import _norm_rope_kernel
 from mixquant.quantization.fp8 import _ZERO_ROW_SCALE, FP8_MAX
@@ -79,6 +80,32 @@ def test_decode_split_kernel_builds_on_tensor_cores_without_spills(variant):
         assert sass["LDGSTS.E.BYPASS.128"] > 0, "K/V tiles should stream in as 16-byte async copies"
 
 
+@pytest.mark.parametrize("head_dim,group", [(256, 2), (512, 8)], ids=["gemma4_31b_sliding", "gemma4_31b_full"])
+def test_decode_split_kernel_builds_for_gemma4_heads_without_spills(head_dim, group):
+    """Gemma 4 31B's two geometries (32 query heads over 16 KV heads of 256, over 4 of 512), with the tiles
+    DecodeConfig picks for them, a sliding window or not (a runtime argument)."""
+    config = DecodeConfig.for_head_dim(head_dim)
+    constexprs = dict(ATTENTION_CONSTEXPRS, GROUP=group, HEAD_DIM=head_dim, BLOCK_N=config.block_n)
+    _, sass, usage = compile_for_hopper(_decode_split_kernel, ATTENTION_TYPES, constexprs,
+                                        num_warps=config.num_warps, num_stages=config.num_stages)
+    assert "LOCAL:0" in usage and "STACK:0" in usage, usage
+    assert sass["HMMA.16816.F32.BF16"] > 0, "the two dots should run on the tensor cores"
+
+
+@pytest.mark.parametrize("head_dim,group", [(128, 4), (256, 2), (512, 8)],
+                         ids=["d128", "gemma4_31b_sliding", "gemma4_31b_full"])
+def test_paged_prefill_kernel_builds_on_tensor_cores_without_spills(head_dim, group):
+    """The Triton prefill attention of windows and wide heads, with the tiles PagedPrefillConfig picks."""
+    config = PagedPrefillConfig.for_head_dim(head_dim)
+    _, sass, usage = compile_for_hopper(
+        _paged_prefill_kernel, dict(q_ptr="*bf16", k_cache_ptr="*bf16", v_cache_ptr="*bf16", table_ptr="*i64",
+                                    out_ptr="*bf16", qk_scale="fp32"),
+        dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+             DOT_PRECISION="tf32"), num_warps=config.num_warps, num_stages=config.num_stages)
+    assert "LOCAL:0" in usage and "STACK:0" in usage, usage
+    assert any(op.startswith(("HMMA", "HGMMA")) for op in sass), "the two dots should run on the tensor cores"
+
+
 def test_merge_kernel_builds():
     _, _, usage = compile_for_hopper(
         _merge_kernel, dict(out_ptr="*bf16", part_out_ptr="*fp32", part_lse_ptr="*fp32", context_lens_ptr="*i32"),
@@ -91,7 +118,7 @@ def test_merge_kernel_builds():
 def test_quant_kernel_builds_with_torch_cuda_arithmetic(dtype, block_k, whole_row):
     ptx, _, usage = compile_for_hopper(
         _per_token_quant_kernel, dict(x_ptr=f"*{dtype}", q_ptr="*fp8e4nv", scale_ptr="*fp32"),
-        dict(BLOCK_K=block_k, WHOLE_ROW=whole_row, GATED=False, FP8_MAX=448.0, ZERO_ROW_SCALE=_ZERO_ROW_SCALE),
+        dict(BLOCK_K=block_k, WHOLE_ROW=whole_row, ACTIVATION=0, FP8_MAX=448.0, ZERO_ROW_SCALE=_ZERO_ROW_SCALE),
         num_warps=8 if block_k >= 8192 else 4)
     assert "LOCAL:0" in usage, usage
     assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx" not in ptx
@@ -99,12 +126,14 @@ def test_quant_kernel_builds_with_torch_cuda_arithmetic(dtype, block_k, whole_ro
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
 
 
+@pytest.mark.parametrize("activation", [1, 2], ids=["silu", "gelu_tanh"])
 @pytest.mark.parametrize("block_k,whole_row", [(16384, True), (4096, False)])
-def test_gated_quant_kernel_builds_without_spills(block_k, whole_row):
+def test_gated_quant_kernel_builds_without_spills(block_k, whole_row, activation):
     """The down projection's input (Qwen3-8B: 12,288 of gate and of up a row) held in registers, not spilled."""
     ptx, _, usage = compile_for_hopper(
         _per_token_quant_kernel, dict(x_ptr="*bf16", q_ptr="*fp8e4nv", scale_ptr="*fp32"),
-        dict(BLOCK_K=block_k, WHOLE_ROW=whole_row, GATED=True, FP8_MAX=448.0, ZERO_ROW_SCALE=_ZERO_ROW_SCALE),
+        dict(BLOCK_K=block_k, WHOLE_ROW=whole_row, ACTIVATION=activation, FP8_MAX=448.0,
+             ZERO_ROW_SCALE=_ZERO_ROW_SCALE),
         num_warps=16 if block_k >= 8192 else 8)
     assert "LOCAL:0" in usage, usage
     assert "div.rn.f32" in ptx  # the quantizing division stays IEEE

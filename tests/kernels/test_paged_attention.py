@@ -10,13 +10,15 @@ from mixquant.kernels import paged_attention
 from mixquant.kernels.paged_attention import DecodeConfig, default_num_splits, paged_decode_attention
 
 
-def reference(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
-    """Each row's cached positions gathered through its block table; softmax in float64."""
+def reference(q, k_cache, v_cache, block_tables, context_lens, scale, window=None) -> torch.Tensor:
+    """Each row's cached positions (its last `window` ones, through a table starting at the first one's block)
+    gathered through its block table; softmax in float64."""
     block_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
     out = []
     for b, length in enumerate(context_lens.tolist()):
-        pos = torch.arange(length)
-        blocks = block_tables[b, pos // block_size].long()
+        first = 0 if window is None else max(0, length - window)
+        pos = torch.arange(first, length)
+        blocks = block_tables[b, pos // block_size - first // block_size].long()
         k = k_cache[blocks, pos % block_size].double().repeat_interleave(group, dim=1)  # [length, heads, dim]
         v = v_cache[blocks, pos % block_size].double().repeat_interleave(group, dim=1)
         weights = torch.softmax(torch.einsum("hd,lhd->hl", q[b].double(), k) * scale, dim=-1)
@@ -95,6 +97,25 @@ def test_head_dim_128_strided_q_and_given_out():
     result = paged_decode_attention(qkv[:, :8], k_cache, v_cache, tables, lens, 128 ** -0.5, out, num_splits=2)
     assert result is out
     assert rel_err(out, reference(q, k_cache, v_cache, tables, lens, 128 ** -0.5)) < 1e-2
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.float32), (256, torch.bfloat16), (512, torch.bfloat16)])
+def test_sliding_window_reads_window_relative_tables(head_dim, dtype):
+    """A row attends to its last 20 positions; its table starts at the block of the first of them, and the blocks
+    before it are gone (NaN here)."""
+    window, lengths = 20, [1, 5, 20, 21, 40, 70]
+    q, k_cache, v_cache, tables, lens = make_inputs(lengths, 4, 2, head_dim, dtype, seed=4)
+    windowed = torch.empty_like(tables)
+    for b, length in enumerate(lengths):
+        first = max(0, length - window) // 16
+        k_cache[tables[b, :first]] = float("nan")
+        v_cache[tables[b, :first]] = float("nan")
+        windowed[b] = torch.cat([tables[b, first:], tables[b, :first]])  # the entries past the window are unread
+    ref = reference(q, k_cache, v_cache, windowed, lens, 0.125, window)
+    for num_splits in (1, 3):
+        out = paged_decode_attention(q, k_cache, v_cache, windowed, lens, 0.125, window=window, num_splits=num_splits)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < TOLERANCE[dtype], num_splits
 
 
 def test_default_splits_follow_shapes_only():

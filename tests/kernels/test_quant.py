@@ -90,6 +90,24 @@ def test_gated_rows_match_quantizing_the_silu_product(k):
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
+def test_gelu_gated_rows_match_quantizing_the_gelu_product():
+    """gated_quant_fp8 with Gemma's tanh GELU against quantizing gelu_tanh_and_mul's bf16 product. The kernel's
+    tanh (through a sigmoid) may differ from torch's in the last float32 bit, which may move a bf16 rounding and so,
+    rarely, a code by one."""
+    from mixquant.kernels.quant import gated_quant_fp8
+    from mixquant.layers.activation import gelu_tanh_and_mul
+
+    x = random_rows(5, 2 * 4096, torch.bfloat16, seed=7) * 0.5
+    q, scale = gated_quant_fp8(x, "gelu_pytorch_tanh")
+    q_ref, scale_ref = cuda_quantize_rowwise(gelu_tanh_and_mul(x))
+    assert q.shape == (5, 4096)
+    assert ((scale - scale_ref).abs() <= scale_ref * 2 ** -7).all()
+    apart = fp8_codes_apart(q, q_ref)
+    assert apart.max() <= 1 and (apart == 0).float().mean() >= 0.99
+    with pytest.raises(ValueError, match="no fused kernel"):
+        gated_quant_fp8(x, "relu")
+
+
 def test_gated_rows_must_pair_gate_and_up():
     from mixquant.kernels.quant import silu_and_mul_quant_fp8
 

@@ -56,7 +56,8 @@ class ScriptedEngine:
                 reason = "stop"  # as if the model ended with its EOS token
             elif request.params.max_tokens is not None and request.produced >= request.params.max_tokens:
                 reason = "length"
-            completions = [CompletionOutput(i, self.tokenizer.decode(ids), ids, finish_reason=reason)
+            text = self.tokenizer.decode(ids, skip_special_tokens=request.params.skip_special_tokens)
+            completions = [CompletionOutput(i, text, ids, finish_reason=reason)
                            for i in range(request.params.n)]
             outputs.append(RequestOutput(request_id, None, request.prompt_token_ids, completions, reason is not None))
             if reason is not None:

@@ -1,4 +1,5 @@
-"""The qwen3 reasoning parser and the hermes / qwen3_coder tool parsers on scripted model outputs.
+"""The qwen3 and gemma4 reasoning parsers and the hermes / qwen3_coder / gemma4 tool parsers on scripted model
+outputs.
 
 Each case is parsed whole (non-streamed) and as a stream: cut at every character and at the real tokenizer's token
 boundaries, with the deltas the server would send put back together. Both must give the same message.
@@ -12,7 +13,11 @@ from transformers import AutoTokenizer
 
 from mixquant.server.chat import message_delta
 from mixquant.server.parsers import (
+    REASONING_PARSERS,
+    TOOL_CALL_PARSERS,
     ChatOutputParser,
+    Gemma4ReasoningParser,
+    Gemma4ToolParser,
     HermesToolParser,
     ParsedOutput,
     ParsedToolCall,
@@ -160,3 +165,70 @@ def test_partial_results_only_grow():
         assert parsed.tool_calls[:len(previous.tool_calls)] == previous.tool_calls
         previous = parsed
     assert BOTH.parse(text, final=True).content.startswith(previous.content)
+
+
+# ---- Gemma 4 (vLLM's gemma4 parsers): its markers are special tokens, kept in the text for these parsers ---------
+
+def gemma_call(name: str, arguments: str) -> str:
+    return f"<|tool_call>call:{name}{arguments}<tool_call|>"
+
+
+Q = '<|"|>'  # Gemma's string delimiter
+GEMMA_WEATHER = gemma_call("get_weather", f"{{city:{Q}Paris{Q},unit:{Q}celsius{Q}}}")
+GEMMA_TIME = gemma_call("get_time", f"{{zone:{Q}CET{Q}}}")
+GEMMA_BOTH = ChatOutputParser(Gemma4ReasoningParser(), Gemma4ToolParser())
+GEMMA_TOOLS = ChatOutputParser(tools=Gemma4ToolParser())
+THOUGHT = "<|channel>thought\nI need the weather.<channel|>"
+
+GEMMA_CASES = {
+    "thought then answer": (
+        ChatOutputParser(Gemma4ReasoningParser()), f"{THOUGHT}It is sunny.",
+        ParsedOutput("I need the weather.", "It is sunny.")),
+    "no thought channel: all content": (
+        ChatOutputParser(Gemma4ReasoningParser()), "<b>Sunny</b>, 21 degrees.",
+        ParsedOutput("", "<b>Sunny</b>, 21 degrees.")),
+    "thinking off: a channel is content": (
+        ChatOutputParser(Gemma4ReasoningParser(thinking_enabled=False)), f"{THOUGHT}x",
+        ParsedOutput("", f"{THOUGHT}x")),
+    "cut off while thinking": (
+        GEMMA_BOTH, f"<|channel>thought\nmaybe {GEMMA_WEATHER}", ParsedOutput(f"maybe {GEMMA_WEATHER}", "")),
+    "thought, words, a call, and the hand-over to the tool": (
+        GEMMA_BOTH, f"{THOUGHT}Let me check.{GEMMA_WEATHER}<|tool_response>",
+        ParsedOutput("I need the weather.", "Let me check.", [WEATHER])),
+    "two calls": (GEMMA_TOOLS, f"{GEMMA_WEATHER}{GEMMA_TIME}", ParsedOutput("", "", [WEATHER, TIME])),
+    "nested arguments, numbers, booleans, null": (
+        GEMMA_TOOLS, gemma_call("book", f"{{guests:2,price:-1.5,vip:true,note:null,rooms:[{{beds:2}},{Q}suite{Q}]}}"),
+        ParsedOutput("", "", [ParsedToolCall("book", json.dumps(
+            {"guests": 2, "price": -1.5, "vip": True, "note": None, "rooms": [{"beds": 2}, "suite"]}))])),
+    "delimited strings keep commas, braces and colons": (
+        GEMMA_TOOLS, gemma_call("say", f"{{text:{Q}a, {{b}}: c{Q}}}"),
+        ParsedOutput("", "", [ParsedToolCall("say", json.dumps({"text": "a, {b}: c"}))])),
+    "no arguments": (GEMMA_TOOLS, gemma_call("now", "{}"), ParsedOutput("", "", [ParsedToolCall("now", "{}")])),
+    "malformed call stays content": (
+        GEMMA_TOOLS, f"Trying {gemma_call('get_weather', '{city:}')} now",
+        ParsedOutput("", f"Trying {gemma_call('get_weather', '{city:}')} now")),
+    "unterminated call counts at the end": (
+        GEMMA_TOOLS, f"<|tool_call>call:get_time{{zone:{Q}CET{Q}}}", ParsedOutput("", "", [TIME])),
+    "text that only looks like markers": (
+        GEMMA_BOTH, "a <|tool is <not> a <|tool_call", ParsedOutput("", "a <|tool is <not> a <|tool_call")),
+    "calls inside the thought are not calls": (
+        GEMMA_BOTH, f"<|channel>thought\n{GEMMA_WEATHER}<channel|>No call.", ParsedOutput(GEMMA_WEATHER, "No call.")),
+}
+
+
+@pytest.fixture(scope="module")
+def gemma_tokenizer():
+    from tests.conftest import gemma4_tokenizer
+
+    return gemma4_tokenizer()
+
+
+@pytest.mark.parametrize("name", GEMMA_CASES)
+def test_gemma_parsed_whole_and_streamed_alike(name, gemma_tokenizer):
+    parser, text, expected = GEMMA_CASES[name]
+    check(parser, text, expected, gemma_tokenizer)
+
+
+def test_gemma_parsers_keep_special_tokens_and_are_registered():
+    assert REASONING_PARSERS["gemma4"] is Gemma4ReasoningParser and TOOL_CALL_PARSERS["gemma4"] is Gemma4ToolParser
+    assert GEMMA_BOTH.needs_special_tokens and not BOTH.needs_special_tokens
