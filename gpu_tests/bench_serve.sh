@@ -8,9 +8,7 @@ set -uo pipefail
 out=${1:?usage: bench_serve.sh OUT_DIR [flags]}
 shift
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/server-wheels/*.whl \
-  $(ls .carry/cudnn-wheels/*.whl 2>/dev/null) >/dev/null || exit 1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+source gpu_tests/device_env.sh
 shape=$(python3 -c "from mixquant.bench.shapes import shape_dir; print(shape_dir('qwen3-8b'))")
 tokenizer=$(python3 -c "from tests.data import qwen3_tokenizer; print(qwen3_tokenizer())")
 status=0

@@ -8,7 +8,7 @@
 set -uo pipefail
 out=${1:?usage: run_gemma4.sh OUT_DIR}
 mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+source gpu_tests/device_env.sh
 status=0
 step() { echo "=== $*"; "$@" || status=1; }
 step python3 gpu_tests/check_gemma4.py --out "$out"

@@ -7,7 +7,7 @@
 set -uo pipefail
 out=${1:?usage: run_moe.sh OUT_DIR}
 mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+source gpu_tests/device_env.sh
 status=0
 step() { echo "=== $*"; "$@" || status=1; }
 step python3 gpu_tests/check_moe.py --out "$out"

@@ -5,13 +5,8 @@
 set -uo pipefail
 out=${1:?usage: run_qwen3_5.sh OUT_DIR}
 mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-if ls .carry/gdn-wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/fla .carry/gdn-wheels/*.whl >/dev/null
-  export PYTHONPATH=$PYTHONPATH:/tmp/fla
-else
-  echo "no .carry/gdn-wheels: the Gated DeltaNet layers run the PyTorch reference"
-fi
+source gpu_tests/device_env.sh
+python3 -c "import fla" 2>/dev/null || echo "no fla-core (.carry/gdn-wheels): the Gated DeltaNet layers run the PyTorch reference"
 status=0
 step() { echo "=== $*"; "$@" || status=1; }
 

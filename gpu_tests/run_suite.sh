@@ -7,13 +7,9 @@ set -uo pipefail
 out=${1:?usage: run_suite.sh OUT_DIR}
 mode=${2:-full}
 mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+source gpu_tests/device_env.sh
 attentions=bf16,fp8
-if ls .carry/cudnn-wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/cudnn-frontend .carry/cudnn-wheels/*.whl >/dev/null
-  export PYTHONPATH=$PYTHONPATH:/tmp/cudnn-frontend
-  attentions=bf16,fp8,fp8-cudnn
-fi
+python3 -c "import cudnn" 2>/dev/null && attentions=bf16,fp8,fp8-cudnn
 status=0
 step() { echo "=== $*"; "$@" || status=1; }
 

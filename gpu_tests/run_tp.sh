@@ -9,7 +9,7 @@ set -uo pipefail
 out=${1:?usage: run_tp.sh OUT_DIR [check|qwen3-8b|qwen3-32b]}
 part=${2:-all}
 mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+source gpu_tests/device_env.sh
 # NVLink multicast stays off on the lent machines (KINDS.md); spawned ranks inherit these
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 status=0
