@@ -6,7 +6,8 @@ set -uo pipefail
 out=${1:?usage: run_qwen3_5.sh OUT_DIR}
 mkdir -p "$out"
 source gpu_tests/device_env.sh
-python3 -c "import fla" 2>/dev/null || echo "no fla-core (.carry/gdn-wheels): the Gated DeltaNet layers run the PyTorch reference"
+python3 -c "import fla" 2>/dev/null ||
+  echo "no fla-core (.carry/gdn-wheels): the Gated DeltaNet layers run the PyTorch reference"
 status=0
 step() { echo "=== $*"; "$@" || status=1; }
 
