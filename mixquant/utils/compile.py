@@ -14,10 +14,6 @@ import torch._dynamo
 logger = logging.getLogger(__name__)
 
 FUSED_DEVICE_TYPES = ("cuda",)
-# One fused function serves every layer geometry of a model, each its own compiled variant: Gemma 4's norms alone
-# take hidden rows, q/k heads of 256 and 512 and weight-free rows. Dynamo's recompile limit (default 8) was hit in
-# the first forward of Gemma 4's 31B shape cut to 6 layers on an H100; vLLM raises the same limit.
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 def fused_on_gpu(fn):
@@ -35,7 +31,9 @@ def fused_on_gpu(fn):
         try:
             return compiled(*args)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
-            # past the variants dynamo keeps, the eager function computes the same values, unfused
+            # One function serves every layer geometry of a model, each shape its own compiled variant: Gemma 4's
+            # norm (hidden rows, q/k heads of 256 and 512, weight-free rows) hit dynamo's recompile limit in its
+            # first forward on an H100. Past the limit the eager function computes the same values, unfused.
             if not warned:
                 warned = True
                 logger.warning("%s: torch.compile's variant limit reached; further shapes run unfused", fn.__name__)
