@@ -79,26 +79,41 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+
+
+def equal_prefix(tokens: list[int], reference: list[int]) -> int:
+    """How many leading tokens agree."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+
+
+def transformers_outputs(model, ids: list[int], new_tokens: int = 32) -> tuple[torch.Tensor, list[int]]:
+    """The reference's prompt logits (float32) and greedy continuation of `ids`."""
+    prompt = torch.tensor([ids], device="cuda")
+    with torch.no_grad():
+        logits = model(prompt).logits[0].float()
+        greedy = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(ids):].tolist()
+    return logits, greedy
+
+
 def check_against_transformers(workdir: Path, layers: int) -> dict:
     from mixquant import LLM, SamplingParams
     from tests.engine.helpers import engine_prompt_logits
 
     path, ref = write_cut_model(workdir / "qwen3-8b-shape-cut", layers)
     ids = torch.randint(0, 150000, (1, 1024), generator=torch.Generator().manual_seed(1)).tolist()[0]
-    with torch.no_grad():
-        theirs = ref(torch.tensor([ids], device="cuda")).logits[0].float()
-        greedy_ref = ref.generate(torch.tensor([ids], device="cuda"), max_new_tokens=32, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    theirs, greedy_ref = transformers_outputs(ref, ids)
     del ref
     torch.cuda.empty_cache()
     llm = LLM(str(path), prefill_precision="bf16", decode_precision="bf16", max_model_len=4096)
     ours = engine_prompt_logits(llm.engine, ids)
     greedy = llm.generate([ids], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
                           use_tqdm=False)[0].outputs[0].token_ids
-    first_diff = next((i for i, (a, b) in enumerate(zip(greedy, greedy_ref)) if a != b), len(greedy))
     result = {"layers": layers, "prompt_tokens": len(ids), "logits_rel_err": rel_err(ours, theirs),
-              "top1_agreement": (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item(),
-              "greedy_equal_prefix": first_diff, "greedy_tokens": len(greedy)}
+              "top1_agreement": top1_agreement(ours, theirs),
+              "greedy_equal_prefix": equal_prefix(greedy, greedy_ref), "greedy_tokens": len(greedy)}
     del llm
     gc.collect()
     torch.cuda.empty_cache()

@@ -28,14 +28,11 @@ from pathlib import Path
 
 import torch
 
+from gpu_tests.check_engine import equal_prefix, rel_err, top1_agreement, transformers_outputs
 from mixquant.bench.shapes import SHAPES
 from tests.data import qwen3_tokenizer
 
 GEMMA4_SHAPES = ("gemma4-31b", "gemma4-26b-a4b")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def _text_config(name: str, **overrides):
@@ -103,8 +100,8 @@ def check_kernels() -> list[dict]:
                                    pos[:length], window)[0])
         tables = torch.stack(tables).to(torch.int32)
         out = paged_decode_attention(q, k_cache, v_cache, tables, lengths, 1.0, window=window)
-        rows.append({"kernel": "decode", "layer": kind, "rows": len(lengths), "rel_err": rel_err(out, torch.stack(refs)),
-                     "finite": bool(torch.isfinite(out).all()),
+        rows.append({"kernel": "decode", "layer": kind, "rows": len(lengths),
+                     "rel_err": rel_err(out, torch.stack(refs)), "finite": bool(torch.isfinite(out).all()),
                      "ms": _timed_ms(lambda: paged_decode_attention(q, k_cache, v_cache, tables, lengths, 1.0,
                                                                     window=window))})
         print("kernel:", json.dumps(rows[-1]), flush=True)
@@ -135,10 +132,7 @@ def check_engine(workdir: Path, name: str, layers: int, prompt_tokens: int = 300
 
     path, ref = write_cut_model(workdir / f"{name}-cut", name, layers)
     ids = torch.randint(0, 150000, (prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
-    with torch.no_grad():
-        theirs = ref(torch.tensor([ids], device="cuda")).logits[0].float()
-        greedy_ref = ref.generate(torch.tensor([ids], device="cuda"), max_new_tokens=32, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    theirs, greedy_ref = transformers_outputs(ref, ids)
     del ref
     torch.cuda.empty_cache()
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
@@ -156,18 +150,17 @@ def check_engine(workdir: Path, name: str, layers: int, prompt_tokens: int = 300
                        "prefill_graphs": llm.engine.runner.prefill_graphs is not None,
                        "finite": bool(torch.isfinite(logits[key]).all()),
                        "window_blocks_released": llm.engine.stats()["num_window_blocks_released"],
-                       "greedy_equal_prefix_vs_transformers": next(
-                           (i for i, (a, b) in enumerate(zip(greedy, greedy_ref)) if a != b), len(greedy)),
+                       "greedy_equal_prefix_vs_transformers": equal_prefix(greedy, greedy_ref),
                        "greedy": greedy}
         del llm
         gc.collect()
         torch.cuda.empty_cache()
     base = logits["bf16/bf16"]
     result["bf16_vs_transformers"] = {"logits_rel_err": rel_err(base, theirs),
-                                      "top1_agreement": (base.argmax(-1) == theirs.argmax(-1)).float().mean().item()}
+                                      "top1_agreement": top1_agreement(base, theirs)}
     result["graphs_same_greedy_as_eager"] = result["bf16/bf16"]["greedy"] == result["bf16/bf16 eager"]["greedy"]
     result["fp8/bf16"]["logits_rel_err_vs_bf16_bf16"] = rel_err(logits["fp8/bf16"], base)
-    result["fp8/bf16"]["top1_vs_bf16_bf16"] = (logits["fp8/bf16"].argmax(-1) == base.argmax(-1)).float().mean().item()
+    result["fp8/bf16"]["top1_vs_bf16_bf16"] = top1_agreement(logits["fp8/bf16"], base)
     print("engine check:", json.dumps(result, default=str), flush=True)
     return result
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_tests.check_engine import rel_err
+from gpu_tests.check_engine import equal_prefix, rel_err, top1_agreement, transformers_outputs
 from mixquant.bench.shapes import SHAPES
 from tests.data import qwen3_tokenizer
 
@@ -78,10 +78,7 @@ def check_engine(workdir: Path, layers: int) -> dict:
 
     path, ref = write_cut_model(workdir / "qwen3-30b-a3b-cut", layers)
     ids = torch.randint(0, 150000, (1024,), generator=torch.Generator().manual_seed(1)).tolist()
-    with torch.no_grad():
-        theirs = ref(torch.tensor([ids], device="cuda")).logits[0].float()
-        greedy_ref = ref.generate(torch.tensor([ids], device="cuda"), max_new_tokens=32, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    theirs, greedy_ref = transformers_outputs(ref, ids)
     del ref
     torch.cuda.empty_cache()
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
@@ -96,19 +93,18 @@ def check_engine(workdir: Path, layers: int) -> dict:
         greedy = llm.generate([ids], params, use_tqdm=False)[0].outputs[0].token_ids
         result[name] = {"decode_graphs": bool(llm.engine.runner.graphs),
                         "finite": bool(torch.isfinite(logits[name]).all()),
-                        "greedy_equal_prefix_vs_transformers": next(
-                            (i for i, (a, b) in enumerate(zip(greedy, greedy_ref)) if a != b), len(greedy)),
+                        "greedy_equal_prefix_vs_transformers": equal_prefix(greedy, greedy_ref),
                         "greedy": greedy}
         del llm
         gc.collect()
         torch.cuda.empty_cache()
     base = logits["bf16/bf16"]
     result["bf16_vs_transformers"] = {"logits_rel_err": rel_err(base, theirs),
-                                      "top1_agreement": (base.argmax(-1) == theirs.argmax(-1)).float().mean().item()}
+                                      "top1_agreement": top1_agreement(base, theirs)}
     result["graphs_same_greedy_as_eager"] = result["bf16/bf16"]["greedy"] == result["bf16/bf16 eager"]["greedy"]
     for name in ("fp8/bf16", "nvfp4/bf16 eager"):
         result[name]["logits_rel_err_vs_bf16_bf16"] = rel_err(logits[name], base)
-        result[name]["top1_vs_bf16_bf16"] = (logits[name].argmax(-1) == base.argmax(-1)).float().mean().item()
+        result[name]["top1_vs_bf16_bf16"] = top1_agreement(logits[name], base)
     print("engine check:", json.dumps(result, default=str), flush=True)
     return result
 

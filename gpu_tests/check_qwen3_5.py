@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_tests.check_engine import rel_err
+from gpu_tests.check_engine import equal_prefix, rel_err, top1_agreement, transformers_outputs
 from mixquant.bench.shapes import SHAPES
 from tests.data import qwen3_tokenizer
 
@@ -116,28 +116,18 @@ def check_against_transformers(workdir: Path, layers: int, new_tokens: int = 32)
     ids = torch.randint(0, TOKENS, (1024,), generator=torch.Generator().manual_seed(1)).tolist()
     longer = ids + torch.randint(0, TOKENS, (300,), generator=torch.Generator().manual_seed(2)).tolist()
 
-    def hf_greedy(prompt):
-        with torch.no_grad():
-            out = ref.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=new_tokens, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)
-        return out[0, len(prompt):].tolist()
-
-    with torch.no_grad():
-        theirs = ref(torch.tensor([ids], device="cuda")).logits[0].float()
-    expected, expected_longer = hf_greedy(ids), hf_greedy(longer)
+    theirs, expected = transformers_outputs(ref, ids, new_tokens)
+    _, expected_longer = transformers_outputs(ref, longer, new_tokens)
     del ref
     torch.cuda.empty_cache()
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-
-    def equal_prefix(a, b):
-        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(b))
 
     result = {"layers": layers, "prompt_tokens": len(ids)}
     llm = LLM(str(path), prefill_precision="bf16", decode_precision="bf16", max_model_len=4096,
               gpu_memory_utilization=0.5)
     ours = engine_prompt_logits(llm.engine, ids)
     result.update(logits_rel_err=rel_err(ours, theirs),
-                  top1_agreement=(ours.argmax(-1) == theirs.argmax(-1)).float().mean().item(),
+                  top1_agreement=top1_agreement(ours, theirs),
                   greedy_equal_prefix=equal_prefix(llm.generate([ids], params, use_tqdm=False)[0].outputs[0].token_ids,
                                                    expected))
     hit = llm.generate([longer], params, use_tqdm=False)[0]
@@ -158,7 +148,7 @@ def check_against_transformers(workdir: Path, layers: int, new_tokens: int = 32)
               gpu_memory_utilization=0.5)
     low = engine_prompt_logits(fp8.engine, ids)
     result.update(fp8_finite=bool(torch.isfinite(low).all()),
-                  fp8_top1_vs_bf16=(low.argmax(-1) == ours.argmax(-1)).float().mean().item(),
+                  fp8_top1_vs_bf16=top1_agreement(low, ours),
                   gdn_kernels=fp8.engine.runner.model.model.layers[0].linear_attn.kernel_path(torch.device("cuda")))
     del fp8
     gc.collect()

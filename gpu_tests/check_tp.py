@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_tests.check_engine import rel_err
+from gpu_tests.check_engine import rel_err, top1_agreement
 from mixquant.bench.shapes import SHAPES
 from tests.data import qwen3_tokenizer
 
@@ -84,7 +84,7 @@ def check_pair(path: Path, pair: str, device: str, prompts: list[list[int]], max
     result = {
         "tp2_vs_tp1_logits_rel_err": rel_err(two["logits"], one["logits"]),
         "tp2_vs_tp1_logits_max_abs": (two["logits"] - one["logits"]).abs().max().item(),
-        "tp2_vs_tp1_top1": (two["logits"].argmax(-1) == one["logits"].argmax(-1)).float().mean().item(),
+        "tp2_vs_tp1_top1": top1_agreement(two["logits"], one["logits"]),
         "tp2_vs_tp1_greedy_agreeing_tokens": [agreeing_prefix(a, b) for a, b in zip(two["greedy"], one["greedy"])],
         "tp2_graphs_equal_eager": two["greedy"] == two_eager["greedy"],
         "finite": all(bool(torch.isfinite(r["logits"]).all()) for r in runs.values()),

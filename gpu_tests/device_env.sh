@@ -9,3 +9,6 @@ if compgen -G ".carry/*-wheels/*.whl" >/dev/null; then
 fi
 python3 -c "import xgrammar" 2>/dev/null || echo "xgrammar is not importable, and engines need it: carry" \
   ".carry/structured-wheels (xgrammar, apache-tvm-ffi, pydantic, pydantic-core, annotated-types, typing-inspection)"
+# each script's steps: a failing one is reported and the script goes on, exiting 1 at the end (exit $status)
+status=0
+step() { echo "=== $*"; "$@" || status=1; }

@@ -9,8 +9,6 @@ set -uo pipefail
 out=${1:?usage: run_gemma4.sh OUT_DIR}
 mkdir -p "$out"
 source gpu_tests/device_env.sh
-status=0
-step() { echo "=== $*"; "$@" || status=1; }
 step python3 gpu_tests/check_gemma4.py --out "$out"
 for shape in gemma4-31b gemma4-26b-a4b; do
   step python3 -m mixquant.cli bench prefill --shape "$shape" --pairs bf16/bf16,fp8/bf16 --contexts 2048,8192,32768 \

@@ -8,8 +8,6 @@ set -uo pipefail
 out=${1:?usage: run_moe.sh OUT_DIR}
 mkdir -p "$out"
 source gpu_tests/device_env.sh
-status=0
-step() { echo "=== $*"; "$@" || status=1; }
 step python3 gpu_tests/check_moe.py --out "$out"
 step python3 -m mixquant.cli bench prefill --shape qwen3-30b-a3b --pairs bf16/bf16,fp8/bf16 \
   --contexts 2048,8192,32768 --compare transformers --repeats 3 --output-dir "$out/prefill"

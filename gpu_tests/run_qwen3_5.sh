@@ -8,8 +8,6 @@ mkdir -p "$out"
 source gpu_tests/device_env.sh
 python3 -c "import fla" 2>/dev/null ||
   echo "no fla-core (.carry/gdn-wheels): the Gated DeltaNet layers run the PyTorch reference"
-status=0
-step() { echo "=== $*"; "$@" || status=1; }
 
 step python3 gpu_tests/check_qwen3_5.py --out "$out"
 step python3 gpu_tests/check_qwen3_5.py --out "$out" --breakdown --prompt-len 8192

@@ -10,8 +10,6 @@ mkdir -p "$out"
 source gpu_tests/device_env.sh
 attentions=bf16,fp8
 python3 -c "import cudnn" 2>/dev/null && attentions=bf16,fp8,fp8-cudnn
-status=0
-step() { echo "=== $*"; "$@" || status=1; }
 
 OUT="$out" step python3 gpu_tests/check_kernels.py
 [ $attentions = bf16,fp8 ] || { mkdir -p "$out/cudnn"; OUT="$out/cudnn" step python3 gpu_tests/check_kernels.py --only fp8-cudnn; }

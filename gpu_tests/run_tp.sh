@@ -12,8 +12,6 @@ mkdir -p "$out"
 source gpu_tests/device_env.sh
 # NVLink multicast stays off on the lent machines (KINDS.md); spawned ranks inherit these
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-status=0
-step() { echo "=== $*"; "$@" || status=1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv
 
 if [[ $part == all || $part == check ]]; then
