@@ -17,7 +17,7 @@ import torch
 
 from mixquant.config import EngineConfig, Phase, phase_boundary
 from mixquant.distributed.parallel_state import min_over_ranks
-from mixquant.engine.kv_cache import KVCacheLayout, KVCacheTensor
+from mixquant.engine.kv_cache import KVCacheLayout
 from mixquant.engine.prefill_graphs import PrefillGraphs, prefill_buckets
 from mixquant.engine.scheduler import ScheduledBatch
 from mixquant.engine.sequence import Sequence
@@ -190,11 +190,6 @@ class ModelRunner:
         logger.info("KV cache: %d units; %s", num_blocks, self.kv_layout.describe())
         return num_blocks
 
-    def kv_cache_layers(self) -> list[KVCacheTensor]:
-        """Every attention layer's K and V cache, [units, block_size, kv_heads, head_dim] views into the pool, with
-        the cache group whose tables index it (engine/kv_cache.py)."""
-        return self.kv_layout.tensors()
-
     def _gpu_kv_budget(self) -> int:
         """What is left of gpu_memory_utilization after the weights and the activations of the largest step."""
         torch.cuda.synchronize()
@@ -250,7 +245,7 @@ class ModelRunner:
         more."""
         if len(self.kv_layout.groups) > 1:
             raise ValueError("moving a request's KV block by block needs one cache group; this model's sliding-window "
-                             "layers keep theirs in other units (engine/kv_cache.py, kv_cache_layers)")
+                             "layers keep theirs in other units (engine/kv_cache.py, KVCacheLayout.tensors)")
 
     def _blocks_view(self) -> torch.Tensor:
         """The pool as [2, layers, units, block_size, kv_heads, head_dim], for a model with one cache group."""

@@ -216,7 +216,7 @@ def _full_layer_keys(llm, seq_id: str, positions: int) -> torch.Tensor:
     """The full-attention layer's cached K of a request's first positions (its blocks are never released)."""
     engine = llm.engine
     seq = engine.requests[seq_id].seqs[0]
-    cache = next(t for t in engine.runner.kv_cache_layers() if t.layer.window is None).key
+    cache = next(t for t in engine.runner.kv_layout.tensors() if t.layer.window is None).key
     pos = torch.arange(positions)
     return cache[torch.tensor(seq.block_table)[pos // 4], pos % 4].clone()
 
